@@ -1,0 +1,826 @@
+"""FTT: From Toxic to Trustworthy (Zhang et al., AAAI 2024), a reference implementation.
+
+A backdoored network is purified in two stages:
+  stage 1, SAD: early-exit branches are attached after every stage but the last, and the network is
+           trained on a small clean labelled set with exit-weighted cross-entropy (eq. 1) plus the
+           attention presentation loss between each exit's aligned feature and the deepest (eq. 2-5);
+  stage 2, SSL: the rest of the (poisoned) training set, labels discarded, joins through FixMatch-style
+           per-exit pseudo-labels (eq. 6), with the labelled SAD loss (eq. 7).
+The branches exist only for training: the purified model is a plain backbone state_dict.
+
+Reproduces: Table 1 (CIFAR-10, PreActResNet-18, 5% clean data) with `python ftt.py --attack badnets`
+(defaults are that setting; it wants a GPU). Measured here, on 2 CPU cores, with the offline
+Fashion-MNIST / WRN-16-1 budget of README.md: see the table in README.md and the command above it.
+
+Layout, top to bottom: config, device, data, backbones, early exits, eq. (1)-(7), augmentations,
+training (backdoored model), stage 1 (SAD), stage 2 (SSL), evaluation, triggers, main, CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import math
+import pickle
+import platform
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.transforms import v2
+
+import attacks
+
+Tensor = torch.Tensor
+
+# ================================================================================================
+# Config
+# ================================================================================================
+DATASETS = ("cifar10", "cifar100", "fashion-mnist")
+ARCHS = ("preact18", "wrn16-1", "resnet50")
+
+
+@dataclass
+class Config:
+    """Every knob of a run. Defaults: the paper's CIFAR-10 / PreActResNet-18 setting."""
+    dataset: str = field(default="cifar10", metadata={"choices": DATASETS, "help": "training and test data"})
+    arch: str = field(default="preact18", metadata={"choices": ARCHS, "help": "backbone"})
+    attack: str = field(default="badnets", metadata={"choices": attacks.ATTACKS, "help": "backdoor attack"})
+    poison_rate: float = field(default=0.1, metadata={"help": "share of the whole training set poisoned (BackdoorBench: 0.1)"})
+    target: int = field(default=0, metadata={"help": "all-to-one target class"})
+    clean_ratio: float = field(default=0.05, metadata={"help": "defender's clean labelled share of the training set (paper: 5%%)"})
+    # the attacker's training of the backdoored model (BackdoorBench's PreActResNet-18 recipe)
+    attack_epochs: int = field(default=100, metadata={"help": "epochs of backdoored training"})
+    attack_lr: float = field(default=0.01, metadata={"help": "SGD lr of backdoored training (cosine)"})
+    attack_batch: int = field(default=128, metadata={"help": "batch of backdoored training"})
+    reference_epochs: int = field(default=10, metadata={"help": "epochs of the clean reference model (Trojan, Low-Frequency, ATTEQ-NN)"})
+    # stage 1: SAD. Fine-tuning scale: NAD fine-tunes 20 epochs at lr 0.01 on 5% of CIFAR-10.
+    sad_epochs: int = field(default=20, metadata={"help": "stage 1 epochs over the clean subset"})
+    sad_lr: float = field(default=0.01, metadata={"help": "stage 1 SGD lr (cosine to 0)"})
+    # stage 2: SSL. FixMatch: lr 0.03, Nesterov, t 0.95, mu 7; its 2^20 steps are far beyond this budget.
+    ssl_epochs: int = field(default=20, metadata={"help": "stage 2 epochs, each one pass over the unlabelled pool"})
+    ssl_lr: float = field(default=0.03, metadata={"help": "stage 2 SGD lr (cosine to 0)"})
+    mu: int = field(default=7, metadata={"help": "unlabelled batch = mu x batch_size"})
+    threshold: float = field(default=0.95, metadata={"help": "pseudo-label confidence threshold t, eq. (6)"})
+    batch_size: int = field(default=64, metadata={"help": "labelled batch of both stages (paper: 64)"})
+    beta: float = field(default=0.03, metadata={"help": "weight of the AP loss, eq. (7) (paper: 0.03)"})
+    lam: float = field(default=1.0, metadata={"flag": "--lambda", "help": "weight of the SSL half of eq. (7) (paper: 1)"})
+    p: float = field(default=2.0, metadata={"help": "exponent of the attention operator A^p_sum (paper: 2)"})
+    detach_deep: bool = field(default=True, metadata={"help": "treat F_D as a fixed teacher in eq. (5) (else mutual distillation)"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum, all training"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay, all training"})
+    # run
+    seed: int = field(default=0, metadata={"help": "seed of poisoning, splits, init and training"})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda, cuda:N"})
+    data_root: str = field(default="./data", metadata={"help": "where datasets are read from or downloaded to"})
+    out: str = field(default="runs/ftt", metadata={"help": "results JSON and purified backbone go here"})
+    cache: str = field(default="./cache", metadata={"help": "fitted triggers and reference models are cached here"})
+    model: str = field(default="", metadata={"help": "backdoored backbone state_dict to purify (skips backdoored training)"})
+    train_size: int = field(default=0, metadata={"help": "use only the first N training images (0: all)"})
+    test_size: int = field(default=0, metadata={"help": "use only the first N test images (0: all)"})
+    channels_last: bool = field(default=True, metadata={"help": "NHWC memory format (faster convolutions, CPU and GPU)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the backbone"})
+    quiet: bool = field(default=False, metadata={"help": "no per-epoch lines"})
+
+
+# ================================================================================================
+# Device and precision: the one place that decides
+# ================================================================================================
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (no GradScaler needed for bf16); full fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def to_input(x: Tensor, channels_last: bool = True) -> Tensor:
+    """uint8 images (B, C, H, W) -> float32 in [0, 1], the input every backbone here takes."""
+    x = x.float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+# ================================================================================================
+# Data: one reader for CIFAR's python batches, one for idx files; everything ends as uint8 NCHW
+# ================================================================================================
+
+class DataError(Exception):
+    """A dataset that is missing or unreadable; the CLI prints it as one line."""
+
+
+def read_cifar_batches(files: list[Path], label_key: str) -> tuple[Tensor, Tensor]:
+    """CIFAR python-version batch files -> images (N, 3, 32, 32) uint8, labels (N,) int64."""
+    xs, ys = [], []
+    for f in files:
+        with open(f, "rb") as fh:
+            d = pickle.load(fh, encoding="latin1")
+        xs.append(torch.as_tensor(d["data"], dtype=torch.uint8).view(-1, 3, 32, 32))
+        ys.append(torch.as_tensor(d[label_key], dtype=torch.long))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def load_cifar(root: Path, name: str) -> dict:
+    # Our own reader, not torchvision's dataset: a copy whose pickles were rewritten (same images,
+    # other checksums) fails torchvision's integrity check but reads fine here.
+    folder, train, test, key, tv = {
+        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels",
+                    torchvision.datasets.CIFAR10),
+        "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", torchvision.datasets.CIFAR100),
+    }[name]
+    if not all((root / folder / f).exists() for f in train + test):
+        try:
+            tv(str(root), train=True, download=True)
+        except Exception as e:  # no network, disk full, ...: one line, not a traceback
+            raise DataError(f"{name}: {root / folder} not found and the download failed ({type(e).__name__}); "
+                            f"put the python-version batches there or pass --data-root DIR that holds {folder}/") from None
+    xtr, ytr = read_cifar_batches([root / folder / f for f in train], key)
+    xte, yte = read_cifar_batches([root / folder / f for f in test], key)
+    return {"train": (xtr, ytr), "test": (xte, yte), "num_classes": 100 if name == "cifar100" else 10}
+
+
+def read_idx(path: Path) -> Tensor:
+    """An idx file (MNIST format), gzipped or not -> uint8 tensor of its shape."""
+    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).view(shape)
+
+
+FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian: dataset-fashion-mnist
+FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def load_fashion_mnist(root: Path) -> dict:
+    def find(folder: Path) -> list[Path] | None:
+        paths = [next((p for p in (folder / f, folder / f"{f}.gz") if p.exists()), None) for f in FASHION_FILES]
+        return paths if all(paths) else None
+
+    paths = find(root / "FashionMNIST" / "raw") or find(FASHION_SYSTEM_DIR)
+    if paths is None:
+        try:
+            torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
+        except Exception as e:
+            raise DataError(f"fashion-mnist: not in {root}/FashionMNIST/raw nor {FASHION_SYSTEM_DIR}, and the download "
+                            f"failed ({type(e).__name__}); run: apt-get install -y dataset-fashion-mnist") from None
+        paths = find(root / "FashionMNIST" / "raw")
+    xtr, ytr, xte, yte = (read_idx(p) for p in paths)
+    return {"train": (xtr[:, None].contiguous(), ytr.long()), "test": (xte[:, None].contiguous(), yte.long()),
+            "num_classes": 10}
+
+
+def load_dataset(name: str, root: str | Path) -> dict:
+    """-> {"train": (x, y), "test": (x, y), "num_classes": int}, x uint8 (N, C, H, W), y int64 (N,)."""
+    root = Path(root)
+    return load_fashion_mnist(root) if name == "fashion-mnist" else load_cifar(root, name)
+
+
+# ================================================================================================
+# Backbones, CIFAR style. Each has .stem, .stages (exits attach after each but the last) and
+# .head (ends in nn.Linear), and forward(x) = head(stages(stem(x))). Input: float (B, C, H, W) in [0, 1].
+# ================================================================================================
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block (He et al. 2016, Identity Mappings)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False) if stride != 1 or c_in != c_out else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        o = F.relu(self.bn1(x))
+        skip = self.shortcut(o) if self.shortcut is not None else x
+        o = self.conv1(o)
+        return self.conv2(F.relu(self.bn2(o))) + skip
+
+
+def classifier_head(channels: int, num_classes: int, preact: bool) -> nn.Sequential:
+    pre = [nn.BatchNorm2d(channels), nn.ReLU()] if preact else []
+    return nn.Sequential(*pre, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
+
+
+class PreActResNet18(nn.Module):
+    def __init__(self, in_channels: int = 3, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        widths, strides, c = (64, 128, 256, 512), (1, 2, 2, 2), 64
+        stages = []
+        for w, s in zip(widths, strides):
+            stages.append(nn.Sequential(PreActBlock(c, w, s), PreActBlock(w, w, 1)))
+            c = w
+        self.stages = nn.ModuleList(stages)
+        self.head = classifier_head(c, num_classes, preact=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(x)
+
+
+class WideResNet(nn.Module):
+    """WRN-d-k (Zagoruyko & Komodakis 2016): (d - 4) / 6 pre-activation blocks per group, widths
+    16k, 32k, 64k. WRN-16-1 is NAD's and the paper's Table 2 model."""
+
+    def __init__(self, depth: int = 16, width: int = 1, in_channels: int = 3, num_classes: int = 10):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WRN depth must be 6n + 4, got {depth}")
+        n = (depth - 4) // 6
+        self.stem = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        c, stages = 16, []
+        for w, s in zip((16 * width, 32 * width, 64 * width), (1, 2, 2)):
+            stages.append(nn.Sequential(*[PreActBlock(c if i == 0 else w, w, s if i == 0 else 1) for i in range(n)]))
+            c = w
+        self.stages = nn.ModuleList(stages)
+        self.head = classifier_head(c, num_classes, preact=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(x)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, c_in: int, width: int, stride: int):
+        super().__init__()
+        c_out = 4 * width
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.shortcut = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+                         if stride != 1 or c_in != c_out else nn.Identity())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNet50(nn.Module):
+    """ResNet-50 for 32 px inputs: 3x3 stem, no max-pool, bottleneck stages [3, 4, 6, 3]."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 100):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        c, stages = 64, []
+        for width, n, s in zip((64, 128, 256, 512), (3, 4, 6, 3), (1, 2, 2, 2)):
+            stages.append(nn.Sequential(*[Bottleneck(c if i == 0 else 4 * width, width, s if i == 0 else 1) for i in range(n)]))
+            c = 4 * width
+        self.stages = nn.ModuleList(stages)
+        self.head = classifier_head(c, num_classes, preact=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(x)
+
+
+def build_backbone(arch: str, in_channels: int, num_classes: int) -> nn.Module:
+    if arch == "preact18":
+        return PreActResNet18(in_channels, num_classes)
+    if arch.startswith("wrn"):  # wrn16-1, wrn28-10, ...
+        depth, width = arch[3:].split("-")
+        return WideResNet(int(depth), int(width), in_channels, num_classes)
+    if arch == "resnet50":
+        return ResNet50(in_channels, num_classes)
+    raise ValueError(f"--arch: unknown backbone {arch!r}; choose from {', '.join(ARCHS)}")
+
+
+def penultimate(backbone: nn.Module, x: Tensor) -> Tensor:
+    """Pooled feature fed to the final nn.Linear: (B, C, H, W) -> (B, D)."""
+    h = backbone.stem(x)
+    for stage in backbone.stages:
+        h = stage(h)
+    return backbone.head[:-1](h)
+
+
+# ================================================================================================
+# Early exits (training only). Design follows "Be Your Own Teacher" (Zhang et al. ICCV 2019) and its
+# journal version's code: attention = SepConv, BN, ReLU, upsample, sigmoid, multiplied onto the
+# stage output; alignment = stride-2 SepConvs up to the deepest feature's shape; pool; FC.
+# ================================================================================================
+
+def sep_conv(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+    """Separable conv block: depthwise 3x3 (stride), pointwise, BN, ReLU, depthwise 3x3, pointwise
+    to c_out, BN, ReLU: (B, c_in, H, W) -> (B, c_out, H / stride, W / stride)."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False), nn.Conv2d(c_in, c_in, 1, bias=False),
+        nn.BatchNorm2d(c_in), nn.ReLU(),
+        nn.Conv2d(c_in, c_in, 3, 1, 1, groups=c_in, bias=False), nn.Conv2d(c_in, c_out, 1, bias=False),
+        nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+class ExitBranch(nn.Module):
+    """One early exit: (B, c, h, w) stage output -> (logits (B, classes), F_i (B, C_D, H_D, W_D))."""
+
+    def __init__(self, path: list[tuple[int, int, int]], num_classes: int):
+        # path: (c_in, c_out, stride) of the later stages, so F_i gets F_D's channels and size
+        super().__init__()
+        c = path[0][0]
+        self.attention = nn.Sequential(sep_conv(c, c, 2), nn.BatchNorm2d(c), nn.ReLU())
+        self.align = nn.Sequential(*[sep_conv(ci, co, s) for ci, co, s in path])
+        self.fc = nn.Linear(path[-1][1], num_classes)
+
+    def forward(self, f: Tensor) -> tuple[Tensor, Tensor]:
+        a = torch.sigmoid(F.interpolate(self.attention(f), size=f.shape[-2:], mode="bilinear", align_corners=False))
+        feat = self.align(f * a)
+        return self.fc(feat.mean((2, 3))), feat
+
+
+class Branched(nn.Module):
+    """Wraps any backbone with .stem, .stages, .head. Train mode: (logits per exit, features per
+    exit), deepest last, the deepest being the backbone's own head and last stage output F_D.
+    Eval mode: exactly backbone(x). `self.backbone.state_dict()` is the plain model."""
+
+    def __init__(self, backbone: nn.Module, image_shape: tuple[int, int, int], num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        was_training = backbone.training
+        backbone.eval()
+        with torch.no_grad():  # a dry run reads every stage's output shape
+            h = backbone.stem(torch.zeros(1, *image_shape, device=next(backbone.parameters()).device))
+            shapes = []
+            for stage in backbone.stages:
+                h = stage(h)
+                shapes.append(h.shape[1:])
+        backbone.train(was_training)
+        steps = [(a[0], b[0], round(a[1] / b[1])) for a, b in zip(shapes[:-1], shapes[1:])]
+        self.exits = nn.ModuleList(ExitBranch(steps[i:], num_classes) for i in range(len(shapes) - 1))
+
+    def forward(self, x: Tensor):
+        if not self.training:
+            return self.backbone(x)
+        h, feats = self.backbone.stem(x), []
+        for stage in self.backbone.stages:
+            h = stage(h)
+            feats.append(h)
+        outs = [branch(f) for branch, f in zip(self.exits, feats[:-1])]
+        logits = [o[0] for o in outs] + [self.backbone.head(feats[-1])]
+        return logits, [o[1] for o in outs] + [feats[-1]]
+
+
+# ================================================================================================
+# The paper's math, eq. (1)-(7): plain tensors in, tensors out
+# ================================================================================================
+
+def attention_sum(f: Tensor) -> Tensor:
+    """eq. (2): A_sum(F) = sum_m |F_m| over channels. (B, C, H, W) -> (B, H, W)."""
+    return f.abs().sum(1)
+
+
+def attention_sum_p(f: Tensor, p: float = 2.0) -> Tensor:
+    """eq. (3): A^p_sum(F) = sum_m |F_m|^p. (B, C, H, W) -> (B, H, W)."""
+    return f.abs().pow(p).sum(1)
+
+
+def attention_max_p(f: Tensor, p: float = 2.0) -> Tensor:
+    """eq. (4): A^p_max(F) = max_m |F_m|^p. (B, C, H, W) -> (B, H, W)."""
+    return f.abs().pow(p).amax(1)
+
+
+def ap_loss(f_i: Tensor, f_d: Tensor, p: float = 2.0) -> Tensor:
+    """eq. (5): || A^p_sum(F_i)/||A^p_sum(F_i)||_2 - A^p_sum(F_D)/||A^p_sum(F_D)||_2 ||_2, per sample.
+    (The paper prints A^s_sum in the second numerator: a typo for A^p_sum.)
+    f_i: (B, C_i, H, W), f_d: (B, C_D, H, W) -> (B,) in [0, sqrt 2]."""
+    a = F.normalize(attention_sum_p(f_i.float(), p).flatten(1), dim=1)
+    b = F.normalize(attention_sum_p(f_d.float(), p).flatten(1), dim=1)
+    return (a - b).norm(dim=1)
+
+
+def exit_weights(n_exits: int) -> list[float]:
+    """eq. (1)'s weights: exit i of n gets i / n, rising with depth, the deepest classifier 1.
+    The paper says only that the weights increase with depth."""
+    return [(i + 1) / n_exits for i in range(n_exits)]
+
+
+def exit_cross_entropy(logits: list[Tensor], targets: list[Tensor], weights: list[float]) -> Tensor:
+    """eq. (1) summed over exits: sum_i w_i CE(q_i, y_i). logits: list of (B, K); targets: list
+    of (B,) with -1 for 'no label' (counted as 0, the mean still over B, as FixMatch does)."""
+    b = max(len(targets[0]), 1)
+    return sum(w * F.cross_entropy(z.float(), y, ignore_index=-1, reduction="sum") / b
+               for z, y, w in zip(logits, targets, weights))
+
+
+def pseudo_labels(probs: Tensor, t: float) -> Tensor:
+    """eq. (6): argmax_y P(y | u^w) if max_y P(y | u^w) >= t, else -1. (B, K) -> (B,) int64."""
+    conf, label = probs.max(1)
+    return torch.where(conf >= t, label, torch.full_like(label, -1))
+
+
+def sad_loss(logits: list[Tensor], feats: list[Tensor], y: Tensor, weights: list[float],
+             beta: float = 0.03, p: float = 2.0, detach_deep: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """eq. (7), labelled half: sum_i L_CE(L_i) + beta sum_i L_AP(F_i, F_D), exits deepest last.
+    Returns (loss, ce, ap)."""
+    ce = exit_cross_entropy(logits, [y] * len(logits), weights)
+    f_d = feats[-1].detach() if detach_deep else feats[-1]
+    ap = sum(ap_loss(f, f_d, p).mean() for f in feats[:-1])
+    return ce + beta * ap, ce, ap
+
+
+def ssl_loss(logits_s: list[Tensor], feats_s: list[Tensor], pseudo: list[Tensor], weights: list[float],
+             beta: float = 0.03, lam: float = 1.0, p: float = 2.0,
+             detach_deep: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """eq. (7), unlabelled half: lambda sum_i (L_CE(L_i) + beta L_AP(F_i, F_D)) on the strong view.
+    Exit i learns from its own pseudo-labels pseudo[i] (eq. 6 on its weak-view prediction); an
+    image joins exit i's CE and AP terms only where that exit labelled it, so with no label
+    passing t the loss is 0. Means are over the whole unlabelled batch. Returns (loss, ce, ap)."""
+    b = max(len(pseudo[0]), 1)
+    ce = exit_cross_entropy(logits_s, pseudo, weights)
+    f_d = feats_s[-1].detach() if detach_deep else feats_s[-1]
+    ap = sum((ap_loss(f, f_d, p) * (y >= 0)).sum() / b for f, y in zip(feats_s[:-1], pseudo[:-1]))
+    return lam * (ce + beta * ap), ce, ap
+
+
+# ================================================================================================
+# Augmentations, per image, on uint8 batches (B, C, H, W) on any device
+# ================================================================================================
+
+def random_crop_flip(x: Tensor, pad: int = 4, generator: torch.Generator | None = None) -> Tensor:
+    """Weak view: random crop after zero-padding by `pad`, and a horizontal flip with p = 0.5, each
+    image its own offset and coin. Batched, since v2.RandomCrop on a batch crops all images alike."""
+    b, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator).to(x.device)
+    ox = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator).to(x.device)
+    flip = (torch.rand(b, 1, generator=generator) < 0.5).to(x.device)
+    cols = torch.arange(w, device=x.device)[None]
+    cols = torch.where(flip, w - 1 - cols, cols) + ox              # (B, W)
+    rows = torch.arange(h, device=x.device)[None] + oy             # (B, H)
+    bi = torch.arange(b, device=x.device)[:, None, None]
+    return xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def cutout(x: Tensor, size: int, generator: torch.Generator | None = None) -> Tensor:
+    """Cutout (DeVries & Taylor 2017): a size x size square, centred anywhere (clipped at the
+    border), set to gray (128), per image. (B, C, H, W) -> same."""
+    b, _, h, w = x.shape
+    cy = torch.randint(0, h, (b, 1, 1), generator=generator).to(x.device)
+    cx = torch.randint(0, w, (b, 1, 1), generator=generator).to(x.device)
+    ys = torch.arange(h, device=x.device)[None, :, None]
+    xs = torch.arange(w, device=x.device)[None, None, :]
+    box = ((ys - cy).abs() * 2 < size) & ((xs - cx).abs() * 2 < size)  # (B, H, W)
+    return torch.where(box[:, None], torch.full_like(x, 128), x)
+
+
+_rand_augment = v2.RandAugment()  # torchvision's defaults: 2 ops, magnitude 9 of 31 bins
+
+
+def strong_augment(x: Tensor) -> Tensor:
+    """Strong view: weak crop/flip, then RandAugment per image, then cutout of half the side.
+    We use torchvision's RandAugment (fixed magnitude 9, random sign) rather than FixMatch's
+    RandAugmentMC (random magnitude, each op with p = 0.5): stock, documented, and close.
+    v2.RandAugment on a batch would apply the same two ops to every image, hence the loop."""
+    x = random_crop_flip(x)
+    x = torch.stack([_rand_augment(img) for img in x]) if len(x) else x
+    return cutout(x, x.shape[-1] // 2)
+
+
+# ================================================================================================
+# Training helpers and the attacker's training of the backdoored model
+# ================================================================================================
+
+def sgd(params, lr: float, cfg: Config, nesterov: bool = False) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=nesterov)
+
+
+def cosine(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(total_steps, 1), 1))))
+
+
+def check_finite(loss: Tensor, stage: str, epoch: int, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss ({loss.item()}) in {stage}, epoch {epoch}, step {step}; stopping")
+
+
+class Progress:
+    """One fixed-width line per epoch: stage, epoch, loss parts, ACC, ASR, images/s, ETA.
+    images/s counts training only: the clock stops while the epoch's evaluation runs."""
+
+    def __init__(self, stage: str, epochs: int, quiet: bool):
+        self.stage, self.epochs, self.quiet = stage, epochs, quiet
+        self.images, self.train_s, self.t0, self.tick = 0, 0.0, time.time(), time.time()
+
+    def line(self, epoch: int, parts: dict[str, float], evaluate, model: nn.Module) -> tuple[float, float]:
+        self.train_s += time.time() - self.tick
+        acc, asr = evaluate(model)
+        elapsed = time.time() - self.t0
+        eta = elapsed / epoch * (self.epochs - epoch)
+        if not self.quiet:
+            loss = " ".join(f"{k} {v:6.3f}" for k, v in parts.items())
+            print(f"{self.stage:>6} epoch {epoch:3d}/{self.epochs} | {loss} | acc {acc:5.2f} asr {asr:6.2f} | "
+                  f"{self.images / max(self.train_s, 1e-9):6.0f} img/s | eta {eta / 60:5.1f} min", flush=True)
+        self.tick = time.time()
+        return acc, asr
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, channels_last: bool = True,
+             batch: int = 512) -> float:
+    """Top-1 accuracy in % of model on uint8 images x (N, C, H, W); the model is put in eval mode.
+    Used for ACC (clean test set) and ASR (backdoor test set, labels = target)."""
+    model.eval()
+    if len(x) == 0:
+        return float("nan")
+    correct = 0
+    for i in range(0, len(x), batch):
+        with autocast(device):
+            out = model(to_input(x[i:i + batch].to(device), channels_last))
+        correct += (out.argmax(1) == y[i:i + batch].to(device)).sum().item()
+    return 100.0 * correct / len(x)
+
+
+def train_supervised(model: nn.Module, epoch_data, epochs: int, lr: float, batch: int, cfg: Config,
+                     device: torch.device, stage: str, evaluate) -> None:
+    """Plain cross-entropy training with the weak augmentation (the attacker's recipe).
+    epoch_data(epoch) -> (x uint8, y) for that epoch: ATTEQ-NN alternates poisoned and benign epochs."""
+    n = len(epoch_data(0)[0])
+    opt = sgd(model.parameters(), lr, cfg)
+    sched = cosine(opt, epochs * math.ceil(n / batch))
+    prog = Progress(stage, epochs, cfg.quiet)
+    for epoch in range(1, epochs + 1):
+        x, y = epoch_data(epoch - 1)
+        model.train()
+        total = 0.0
+        perm = torch.randperm(len(x)).to(x.device)
+        for step, i in enumerate(range(0, len(x), batch)):
+            idx = perm[i:i + batch]
+            with autocast(device):
+                loss = F.cross_entropy(model(to_input(random_crop_flip(x[idx]), cfg.channels_last)).float(), y[idx])
+            check_finite(loss, stage, epoch, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+            prog.images += len(idx)
+        prog.line(epoch, {"ce": total / len(x)}, evaluate, model)
+
+
+# ================================================================================================
+# Stage 1: SAD on the clean labelled subset
+# ================================================================================================
+
+def stage1_sad(net: Branched, x: Tensor, y: Tensor, cfg: Config, device: torch.device, evaluate) -> None:
+    weights = exit_weights(len(net.exits) + 1)
+    steps = math.ceil(len(x) / cfg.batch_size)
+    opt = sgd(net.parameters(), cfg.sad_lr, cfg)
+    sched = cosine(opt, cfg.sad_epochs * steps)
+    prog = Progress("sad", cfg.sad_epochs, cfg.quiet)
+    for epoch in range(1, cfg.sad_epochs + 1):
+        net.train()
+        sums = torch.zeros(2)
+        perm = torch.randperm(len(x)).to(x.device)
+        for step, i in enumerate(range(0, len(x), cfg.batch_size)):
+            idx = perm[i:i + cfg.batch_size]
+            with autocast(device):
+                logits, feats = net(to_input(random_crop_flip(x[idx]), cfg.channels_last))
+            loss, ce, ap = sad_loss(logits, feats, y[idx], weights, cfg.beta, cfg.p, cfg.detach_deep)  # eq. (7), left
+            check_finite(loss, "sad", epoch, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            sums += torch.tensor([ce.item(), ap.item()])
+            prog.images += len(idx)
+        ce, ap = (sums / steps).tolist()
+        prog.line(epoch, {"ce": ce, "ap": ap}, evaluate, net.backbone)
+
+
+# ================================================================================================
+# Stage 2: SAD + SSL, the labelled clean subset plus the unlabelled (poisoned) pool
+# ================================================================================================
+
+def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config, device: torch.device,
+               evaluate) -> None:
+    weights = exit_weights(len(net.exits) + 1)
+    b, bu = cfg.batch_size, cfg.mu * cfg.batch_size
+    steps = max(len(x_u) // bu, 1)
+    opt = sgd(net.parameters(), cfg.ssl_lr, cfg, nesterov=True)
+    sched = cosine(opt, cfg.ssl_epochs * steps)
+    prog = Progress("ssl", cfg.ssl_epochs, cfg.quiet)
+    perm_l, pos_l = torch.randperm(len(x_l)).to(x_l.device), 0
+    for epoch in range(1, cfg.ssl_epochs + 1):
+        net.train()
+        sums = torch.zeros(5)
+        perm_u = torch.randperm(len(x_u)).to(x_u.device)
+        for step in range(steps):
+            if pos_l + b > len(x_l):  # the labelled set is small: cycle through it, reshuffled
+                perm_l, pos_l = torch.randperm(len(x_l)).to(x_l.device), 0
+            idx_l, pos_l = perm_l[pos_l:pos_l + b], pos_l + b
+            u = x_u[perm_u[step * bu:(step + 1) * bu]]
+            with torch.no_grad(), autocast(device):  # weak view: pseudo-labels only, no gradient
+                logits_w, _ = net(to_input(random_crop_flip(u), cfg.channels_last))
+            pseudo = [pseudo_labels(z.float().softmax(1), cfg.threshold) for z in logits_w]  # eq. (6), per exit
+            # labelled weak batch and unlabelled strong batch share one forward pass
+            with autocast(device):
+                logits, feats = net(to_input(torch.cat([random_crop_flip(x_l[idx_l]), strong_augment(u)]),
+                                             cfg.channels_last))
+            n_l = len(idx_l)
+            loss_l, ce_l, ap_l = sad_loss([z[:n_l] for z in logits], [f[:n_l] for f in feats], y_l[idx_l],
+                                          weights, cfg.beta, cfg.p, cfg.detach_deep)
+            loss_u, ce_u, ap_u = ssl_loss([z[n_l:] for z in logits], [f[n_l:] for f in feats], pseudo,
+                                          weights, cfg.beta, cfg.lam, cfg.p, cfg.detach_deep)
+            loss = loss_l + loss_u  # eq. (7)
+            check_finite(loss, "ssl", epoch, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            mask = (pseudo[-1] >= 0).float().mean()
+            sums += torch.tensor([ce_l.item(), ap_l.item(), ce_u.item(), ap_u.item(), mask.item()])
+            prog.images += len(u)
+        ce_l, ap_l, ce_u, ap_u, mask = (sums / steps).tolist()
+        prog.line(epoch, {"ce_l": ce_l, "ap_l": ap_l, "ce_u": ce_u, "ap_u": ap_u, "mask": mask}, evaluate, net.backbone)
+
+
+# ================================================================================================
+# Triggers for a run: fitted ones need a clean reference model, trained here and cached
+# ================================================================================================
+
+def reference_model(cfg: Config, x: Tensor, y: Tensor, num_classes: int, device: torch.device) -> nn.Module:
+    """A clean model of cfg.arch trained cfg.reference_epochs on the clean training set, cached."""
+    model = build_backbone(cfg.arch, x.shape[1], num_classes).to(device)
+    path = Path(cfg.cache) / f"reference_{cfg.dataset}_{cfg.arch}_e{cfg.reference_epochs}_n{len(x)}_s{cfg.seed}.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    else:
+        torch.manual_seed(cfg.seed + 7)
+        train_supervised(model, lambda e: (x, y), cfg.reference_epochs, 0.05, cfg.attack_batch, cfg, device,
+                         "ref", lambda m: (float("nan"), float("nan")))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+    return model.eval().requires_grad_(False)
+
+
+def make_trigger(cfg: Config, x: Tensor, y: Tensor, num_classes: int, device: torch.device):
+    """-> (trigger: uint8 batch -> uint8 batch, noise function or None, how it was made)."""
+    c, h, w = x.shape[1:]
+    a = cfg.attack
+    if a == "badnets":
+        return attacks.badnets, None, {"size": 3}
+    if a == "blended":
+        pattern = attacks.blend_pattern((c, h, w), seed=cfg.seed)
+        return (lambda im: attacks.blended(im, pattern, 0.2)), None, {"alpha": 0.2, "pattern": "uniform noise"}
+    if a == "wanet":
+        grid = attacks.wanet_grid(h, w, k=4, s=0.5, seed=cfg.seed)
+        return (lambda im: attacks.wanet(im, grid)), (lambda im, g: attacks.wanet_noise(im, grid, g)), \
+            {"k": 4, "s": 0.5, "cross_ratio": 2}
+    # fitted triggers: a clean reference model of the same arch (the attacker has clean data)
+    ref = reference_model(cfg, x, y, num_classes, device)
+    fit_x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:5000]].to(device)
+    how = {"attack": a, "dataset": cfg.dataset, "arch": cfg.arch, "reference_epochs": cfg.reference_epochs,
+           "n": len(x), "seed": cfg.seed, "target": cfg.target}
+    feats = lambda im: penultimate(ref, im)
+    stem = Path(cfg.cache) / f"trigger_{a}_{cfg.dataset}_{cfg.arch}_s{cfg.seed}"
+    if a == "trojan":
+        mask = attacks.square_mask(h, w, max(3, h // 6))
+        t = attacks.cached_fit(stem, how, lambda: {"mask": mask, "pattern": attacks.fit_trojan(
+            feats, attacks.top_neurons(ref.head[-1].weight), fit_x, mask, seed=cfg.seed)})
+        return (lambda im: attacks.trojan(im, t["mask"], t["pattern"])), None, how
+    if a == "low-frequency":
+        t = attacks.cached_fit(stem, how, lambda: {"delta": attacks.fit_low_frequency(
+            ref, fit_x, cfg.target, seed=cfg.seed)})
+        return (lambda im: attacks.low_frequency(im, t["delta"])), None, how
+    if a == "atteq-nn":
+        def fit():
+            with torch.no_grad():  # mean A^2_sum of the first stage over clean images, at input size
+                att = torch.cat([attention_sum_p(ref.stages[0](ref.stem(to_input(fit_x[i:i + 500], False))))
+                                 for i in range(0, len(fit_x), 500)]).mean(0)
+                att = F.interpolate(att[None, None], size=(h, w), mode="bilinear")[0, 0]
+            mask = attacks.top_attention_mask(att, k=max(9, h * w // 32))
+            neuron = int(ref.head[-1].weight[cfg.target].argmax())
+            return {"mask": mask, "attention": att.cpu(),
+                    "pattern": attacks.fit_atteq(feats, neuron, fit_x, mask, seed=cfg.seed)}
+        t = attacks.cached_fit(stem, how, fit)
+        return (lambda im: attacks.atteq(im, t["mask"], t["pattern"], 0.5)), None, how
+    raise ValueError(f"--attack: unknown attack {a!r}; choose from {', '.join(attacks.ATTACKS)}")
+
+
+# ================================================================================================
+# main: poison, backdoor (or load), evaluate, SAD, SSL, evaluate, save
+# ================================================================================================
+
+def versions() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "cuda": torch.version.cuda, "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()}
+
+
+def main(cfg: Config) -> dict:
+    t_start = time.time()
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    timings = {}
+
+    data = load_dataset(cfg.dataset, cfg.data_root)
+    (x_train, y_train), (x_test, y_test) = data["train"], data["test"]
+    if cfg.train_size:
+        x_train, y_train = x_train[:cfg.train_size], y_train[:cfg.train_size]
+    if cfg.test_size:
+        x_test, y_test = x_test[:cfg.test_size], y_test[:cfg.test_size]
+    k = data["num_classes"]
+    print(f"ftt: {cfg.dataset} {tuple(x_train.shape)} train, {len(x_test)} test | {cfg.arch} | {cfg.attack} "
+          f"rate {cfg.poison_rate} target {cfg.target} | device {device}", flush=True)
+
+    t = time.time()
+    trigger, noise, trigger_how = make_trigger(cfg, x_train, y_train, k, device)
+    ps = attacks.poison(x_train, y_train, trigger, cfg.poison_rate, cfg.target, cfg.seed, noise,
+                        cross_ratio=2.0 if noise is not None else 0.0)
+    touched = torch.cat([ps.poison_idx, ps.noise_idx])
+    clean_idx, unl_idx = attacks.defender_split(len(x_train), touched, cfg.clean_ratio, cfg.seed)
+    x_bd, y_bd = attacks.backdoor_test_set(x_test, y_test, trigger, cfg.target)
+    timings["poison_s"] = time.time() - t
+    print(f"poisoned {len(ps.poison_idx)} (+{len(ps.noise_idx)} noise) | clean subset {len(clean_idx)} | "
+          f"unlabelled pool {len(unl_idx)} | trigger PSNR {attacks.psnr(x_test[:1000], trigger(x_test[:1000])):.1f} dB",
+          flush=True)
+
+    # everything the loops touch lives on the device as uint8
+    x_p, y_p = ps.images.to(device), ps.labels.to(device)
+    x_te, y_te, x_bd, y_bd = x_test.to(device), y_test.to(device), x_bd.to(device), y_bd.to(device)
+    evaluate = lambda m: (accuracy(m, x_te, y_te, device, cfg.channels_last),
+                          accuracy(m, x_bd, y_bd, device, cfg.channels_last))
+
+    model = build_backbone(cfg.arch, x_train.shape[1], k).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    t = time.time()
+    if cfg.model:
+        model.load_state_dict(torch.load(cfg.model, map_location=device, weights_only=True))
+    else:
+        x_c = x_train.to(device)  # the attacker's own clean copy, for ATTEQ-NN's benign epochs
+        alternate = cfg.attack == "atteq-nn"
+        epoch_data = lambda e: (x_c, y_train.to(device)) if alternate and e % 2 else (x_p, y_p)
+        train_supervised(model, epoch_data, cfg.attack_epochs, cfg.attack_lr, cfg.attack_batch, cfg, device,
+                         "attack", evaluate)
+    timings["backdoor_s"] = time.time() - t
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / "backdoored.pt")
+    results = {"before": dict(zip(("acc", "asr"), evaluate(model)))}
+
+    net = Branched(model, tuple(x_train.shape[1:]), k).to(device)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        net.backbone.compile()
+    x_l, y_l, x_u = x_p[clean_idx.to(device)], y_p[clean_idx.to(device)], x_p[unl_idx.to(device)]
+    t = time.time()
+    stage1_sad(net, x_l, y_l, cfg, device, evaluate)
+    timings["sad_s"] = time.time() - t
+    results["sad"] = dict(zip(("acc", "asr"), evaluate(net.backbone)))
+    t = time.time()
+    stage2_ssl(net, x_l, y_l, x_u, cfg, device, evaluate)
+    timings["ssl_s"] = time.time() - t
+    results["ssl"] = dict(zip(("acc", "asr"), evaluate(net.backbone)))
+    timings["total_s"] = time.time() - t_start
+
+    torch.save(net.backbone.state_dict(), out / "purified.pt")
+    report = {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "versions": versions(), "device": str(device),
+              "trigger": trigger_how, "counts": {"train": len(x_train), "test": len(x_test), "poisoned": len(ps.poison_idx),
+                                                 "noise": len(ps.noise_idx), "clean": len(clean_idx), "unlabelled": len(unl_idx)},
+              "timings": timings, "results": results, "argv": sys.argv}
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    print(f"\n| {cfg.attack} ({cfg.dataset}, {cfg.arch}) | ASR % | ACC % |\n|---|---|---|")
+    for name, key in (("before", "before"), ("FTT (SAD)", "sad"), ("FTT (SAD+SSL)", "ssl")):
+        print(f"| {name} | {results[key]['asr']:.2f} | {results[key]['acc']:.2f} |")
+    print(f"\nwrote {out / 'purified.pt'} and {out / 'results.json'} ({timings['total_s'] / 60:.1f} min)")
+    return report
+
+
+# ================================================================================================
+# CLI: flags are the Config fields
+# ================================================================================================
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    ap = argparse.ArgumentParser(description="FTT backdoor purification (AAAI 2024)", allow_abbrev=False)
+    for f in dataclasses.fields(Config):
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        kw = {"dest": f.name, "default": f.default, "help": f.metadata.get("help", "") + " (default: %(default)s)"}
+        if f.type in ("bool", bool):
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            ap.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type],
+                            choices=f.metadata.get("choices"), **kw)
+    return Config(**vars(ap.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    cfg = parse_args()
+    try:
+        main(cfg)
+    except DataError as e:
+        print(f"ftt: {e}", file=sys.stderr)
+        sys.exit(2)
