@@ -211,11 +211,12 @@ def ssim(x: Tensor, y: Tensor, sigma: float = 1.5) -> Tensor:
 
 
 def fit_atteq(features_fn: Callable[[Tensor], Tensor], neuron: int, images: Tensor, mask: Tensor,
-              opacity: float = 0.5, qoe_weight: float = 10.0, steps: int = 200, lr: float = 0.1,
-              batch: int = 128, seed: int = 0) -> Tensor:
+              opacity: float = 0.5, min_ssim: float = 0.9, qoe_weight: float = 100.0, steps: int = 200,
+              lr: float = 0.1, batch: int = 128, seed: int = 0) -> Tensor:
     """ATTEQ-NN pattern (C, H, W) in [0, 1]: maximise the target neuron's activation while a QoE
-    term, weight * (1 - SSIM(triggered, clean)), keeps the triggered image close to the original.
-    Simplification: the paper's QoE-aware search over opacity is replaced by a fixed opacity."""
+    term, weight * max(0, min_ssim - SSIM(triggered, clean)), keeps the triggered images above an
+    SSIM floor. Simplifications of Gong et al.: the QoE goal is this hinge rather than their joint
+    search, and the opacity is fixed rather than searched."""
     g = torch.Generator().manual_seed(seed)
     dev = images.device
     w = torch.randn(images.shape[1:], generator=g).to(dev).requires_grad_(True)
@@ -224,7 +225,7 @@ def fit_atteq(features_fn: Callable[[Tensor], Tensor], neuron: int, images: Tens
         idx = torch.randint(len(images), (batch,), generator=g).to(dev)
         x = to_float(images[idx])
         xt = atteq(x, mask.to(dev), torch.sigmoid(w), opacity)
-        loss = -features_fn(xt)[:, neuron].mean() + qoe_weight * (1 - ssim(xt, x))
+        loss = -features_fn(xt)[:, neuron].mean() + qoe_weight * F.relu(min_ssim - ssim(xt, x))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -278,6 +279,9 @@ def poison(images: Tensor, labels: Tensor, trigger: Trigger, rate: float, target
         untouched = torch.ones(n, dtype=torch.bool)
         untouched[poison_idx] = False
         rest = untouched.nonzero().flatten()
+        if round(cross_ratio * n_poison) > len(rest):
+            raise ValueError(f"cross ratio {cross_ratio} at poison rate {rate} needs {round(cross_ratio * n_poison)} "
+                             f"noise samples, only {len(rest)} untouched samples exist")
         noise_idx = rest[torch.randperm(len(rest), generator=g)[: round(cross_ratio * n_poison)]].sort().values
         images[noise_idx] = noise(images[noise_idx], g)
     return PoisonedSet(images, labels, poison_idx, noise_idx)

@@ -60,6 +60,7 @@ class Config:
     attack_epochs: int = field(default=100, metadata={"help": "epochs of backdoored training"})
     attack_lr: float = field(default=0.01, metadata={"help": "SGD lr of backdoored training (cosine)"})
     attack_batch: int = field(default=128, metadata={"help": "batch of backdoored training"})
+    attack_augment: bool = field(default=True, metadata={"help": "crop + flip while backdooring (the attacker's choice)"})
     reference_epochs: int = field(default=10, metadata={"help": "epochs of the clean reference model (Trojan, Low-Frequency, ATTEQ-NN)"})
     # stage 1: SAD. Fine-tuning scale: NAD fine-tunes 20 epochs at lr 0.01 on 5% of CIFAR-10.
     sad_epochs: int = field(default=20, metadata={"help": "stage 1 epochs over the clean subset"})
@@ -544,7 +545,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, chann
 
 
 def train_supervised(model: nn.Module, epoch_data, epochs: int, lr: float, batch: int, cfg: Config,
-                     device: torch.device, stage: str, evaluate) -> None:
+                     device: torch.device, stage: str, evaluate, augment: bool = True) -> None:
     """Plain cross-entropy training with the weak augmentation (the attacker's recipe).
     epoch_data(epoch) -> (x uint8, y) for that epoch: ATTEQ-NN alternates poisoned and benign epochs."""
     n = len(epoch_data(0)[0])
@@ -559,7 +560,8 @@ def train_supervised(model: nn.Module, epoch_data, epochs: int, lr: float, batch
         for step, i in enumerate(range(0, len(x), batch)):
             idx = perm[i:i + batch]
             with autocast(device):
-                loss = F.cross_entropy(model(to_input(random_crop_flip(x[idx]), cfg.channels_last)).float(), y[idx])
+                xb = random_crop_flip(x[idx]) if augment else x[idx]
+                loss = F.cross_entropy(model(to_input(xb, cfg.channels_last)).float(), y[idx])
             check_finite(loss, stage, epoch, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -765,7 +767,7 @@ def main(cfg: Config) -> dict:
         alternate = cfg.attack == "atteq-nn"
         epoch_data = lambda e: (x_c, y_train.to(device)) if alternate and e % 2 else (x_p, y_p)
         train_supervised(model, epoch_data, cfg.attack_epochs, cfg.attack_lr, cfg.attack_batch, cfg, device,
-                         "attack", evaluate)
+                         "attack", evaluate, cfg.attack_augment)
     timings["backdoor_s"] = time.time() - t
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / "backdoored.pt")

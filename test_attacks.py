@@ -1,0 +1,237 @@
+"""The executable specification of attacks.py: trigger arithmetic, the poisoned-set builder, the
+defender's split, and the fitting steps (on a tiny random model: they must optimise, not pass through)."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, strategies as st
+
+import attacks
+
+seeds = st.integers(0, 2**31 - 1)
+C, H, W = 3, 12, 12
+
+
+def images(n, seed=0, c=C, h=H, w=W):
+    return torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def triggers(c=C, h=H, w=W):
+    """Every attack's trigger with fixed parameters (fitted ones replaced by seeded stand-ins)."""
+    mask = attacks.square_mask(h, w, 3)
+    trojan_pattern = torch.rand(c, h, w, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    grid = attacks.wanet_grid(h, w, k=4, s=0.5, seed=0)
+    return {
+        "badnets": attacks.badnets,
+        "trojan": lambda x: attacks.trojan(x, mask, trojan_pattern),
+        "blended": lambda x: attacks.blended(x, attacks.blend_pattern((c, h, w), 0), 0.2),
+        "low-frequency": lambda x: attacks.low_frequency(x, torch.full((c, h, w), 0.1)),
+        "wanet": lambda x: attacks.wanet(x, grid),
+        "atteq-nn": lambda x: attacks.atteq(x, mask, torch.full((c, h, w), 0.7), 0.5),
+    }
+
+
+@pytest.mark.parametrize("name", attacks.ATTACKS)
+def test_trigger_keeps_shape_dtype_and_range(name):
+    trig = triggers()[name]
+    x = images(5)
+    y = trig(x)
+    assert y.shape == x.shape and y.dtype == torch.uint8
+    xf = x.float() / 255
+    yf = trig(xf)
+    assert yf.shape == xf.shape and yf.dtype == torch.float32 and yf.min() >= 0 and yf.max() <= 1
+    assert (yf * 255 - y.float()).abs().max() <= 0.5 + 1e-3  # uint8 = the float result, rounded
+
+
+@pytest.mark.parametrize("name", attacks.ATTACKS)
+def test_trigger_is_deterministic_and_takes_an_empty_batch(name):
+    trig = triggers()[name]
+    x = images(4)
+    assert torch.equal(trig(x), trig(x))
+    assert trig(x[:0]).shape == (0, C, H, W)
+
+
+def test_seeded_trigger_parameters_repeat_for_a_seed_and_differ_across_seeds():
+    assert torch.equal(attacks.blend_pattern((3, 8, 8), 5), attacks.blend_pattern((3, 8, 8), 5))
+    assert not torch.equal(attacks.blend_pattern((3, 8, 8), 5), attacks.blend_pattern((3, 8, 8), 6))
+    assert torch.equal(attacks.wanet_grid(8, 8, seed=3), attacks.wanet_grid(8, 8, seed=3))
+    assert not torch.equal(attacks.wanet_grid(8, 8, seed=3), attacks.wanet_grid(8, 8, seed=4))
+
+
+@given(seeds, st.integers(1, 3))
+def test_badnets_changes_only_the_patch_pixels(seed, c):
+    x = images(3, seed, c=c)
+    y = attacks.badnets(x)
+    patch = torch.zeros(H, W, dtype=torch.bool)
+    patch[-3:, -3:] = True
+    assert (y[..., patch] == 255).all()
+    assert torch.equal(y[..., ~patch], x[..., ~patch])
+
+
+@given(seeds, st.floats(0, 1))
+def test_blended_is_convex_mix_to_rounding(seed, alpha):
+    x = images(3, seed)
+    p = attacks.blend_pattern((C, H, W), seed)
+    want = (1 - alpha) * x.float() + alpha * 255 * p
+    assert (attacks.blended(x, p, alpha).float() - want).abs().max() <= 0.5 + 1e-3
+
+
+@given(seeds)
+def test_wanet_with_zero_strength_is_identity_up_to_interpolation(seed):
+    x = torch.rand(2, C, H, W, generator=torch.Generator().manual_seed(seed))
+    y = attacks.wanet(x, attacks.wanet_grid(H, W, s=0.0, seed=seed))
+    assert (y - x).abs().max() < 1e-5
+
+
+def test_wanet_warp_moves_pixels_and_noise_mode_differs_per_image():
+    x = images(4)
+    grid = attacks.wanet_grid(H, W, s=0.5, seed=0)
+    assert not torch.equal(attacks.wanet(x, grid), x)
+    noisy = attacks.wanet_noise(x[:1].repeat(4, 1, 1, 1), grid, torch.Generator().manual_seed(0))
+    assert len({bytes(im.numpy()) for im in noisy}) == 4
+
+
+@given(seeds, st.integers(1, 20))
+def test_attention_mask_covers_exactly_the_k_highest_pixels(seed, k):
+    att = torch.rand(H, W, generator=torch.Generator().manual_seed(seed))
+    m = attacks.top_attention_mask(att, k)[0].bool()
+    assert m.sum() == k
+    assert att[m].min() >= att[~m].max()
+
+
+def test_ssim_is_1_for_identical_images_symmetric_and_lower_for_noise():
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = (x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    assert attacks.ssim(x, x).item() == pytest.approx(1, abs=1e-5)
+    assert attacks.ssim(x, y).item() == pytest.approx(attacks.ssim(y, x).item(), abs=1e-6)
+    assert attacks.ssim(x, y).item() < 0.9
+
+
+def test_psnr_is_infinite_for_identical_and_falls_with_distortion():
+    x = images(2)
+    assert attacks.psnr(x, x) == math.inf
+    assert attacks.psnr(x, attacks.blended(x, attacks.blend_pattern((C, H, W)), 0.1)) > \
+        attacks.psnr(x, attacks.blended(x, attacks.blend_pattern((C, H, W)), 0.4))
+
+
+# ------------------------------------------------------------------ fitting, on a tiny random model
+
+class TinyNet(nn.Module):
+    def __init__(self, c=C, classes=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(c, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def test_low_frequency_trigger_is_bounded_and_its_energy_sits_in_low_frequencies():
+    net = TinyNet().requires_grad_(False)
+    delta = attacks.fit_low_frequency(net, images(64, c=C, h=32, w=32), target=1, eps=0.2, steps=30, batch=32)
+    assert delta.abs().max() <= 0.2 + 1e-6 and delta.abs().max() > 0
+    # cut-off 0.25 cycles/px (half of Nyquist): white noise keeps ~20% of its energy below it
+    assert attacks.low_frequency_share(delta, 0.25) >= 0.9
+    assert attacks.low_frequency_share(torch.randn(3, 32, 32), 0.25) < 0.4  # the measure can fail
+
+
+def test_low_frequency_trigger_pushes_toward_the_target():
+    net = TinyNet().requires_grad_(False)
+    x = images(64, h=16, w=16)
+    delta = attacks.fit_low_frequency(net, x, target=2, eps=0.2, sigma=1.0, steps=40, batch=32)
+    p = lambda im: net(im.float() / 255).softmax(1)[:, 2].mean()
+    assert p(attacks.low_frequency(x, delta)) > p(x)
+
+
+def test_trojan_pattern_raises_the_chosen_neurons_activation():
+    net = TinyNet().requires_grad_(False)
+    x = images(64)
+    mask = attacks.square_mask(H, W, 4)
+    neurons = attacks.top_neurons(net.fc.weight, 2)
+    assert torch.equal(neurons, net.fc.weight.abs().sum(0).topk(2).indices)
+    pattern = attacks.fit_trojan(net.body, neurons, x, mask, steps=40, batch=32)
+    assert pattern.abs().max() <= 1 and torch.equal(attacks.trojan(x, mask, pattern)[..., mask[0] == 0],
+                                                   x[..., mask[0] == 0])  # only the mask changes
+    act = lambda im: net.body(im.float() / 255)[:, neurons].mean()
+    assert act(attacks.trojan(x, mask, pattern)) > act(x)
+
+
+def test_atteq_pattern_raises_the_target_neuron_and_stays_in_mask():
+    net = TinyNet().requires_grad_(False)
+    x = images(64)
+    mask = attacks.top_attention_mask(torch.rand(H, W, generator=torch.Generator().manual_seed(0)), 20)
+    neuron = int(net.body(x.float() / 255).mean(0).argmax())  # a live neuron of the random net
+    pattern = attacks.fit_atteq(net.body, neuron, x, mask, opacity=0.5, steps=40, batch=32)
+    assert pattern.min() >= 0 and pattern.max() <= 1
+    y = attacks.atteq(x, mask, pattern, 0.5)
+    assert torch.equal(y[..., mask[0] == 0], x[..., mask[0] == 0])
+    act = lambda im: net.body(im.float() / 255)[:, neuron].mean()
+    assert act(y) > act(x)
+
+
+def test_cached_fit_fits_once_and_refits_when_the_recipe_changes(tmp_path):
+    calls = []
+    fit = lambda: calls.append(1) or {"t": torch.arange(3.0)}
+    a = attacks.cached_fit(tmp_path / "trig", {"seed": 0}, fit)
+    b = attacks.cached_fit(tmp_path / "trig", {"seed": 0}, fit)
+    assert len(calls) == 1 and torch.equal(a["t"], b["t"])
+    attacks.cached_fit(tmp_path / "trig", {"seed": 1}, fit)
+    assert len(calls) == 2 and (tmp_path / "trig.json").exists()
+
+
+# ------------------------------------------------------------------ builder, split, test set
+
+@pytest.mark.parametrize("name", attacks.ATTACKS)
+@pytest.mark.parametrize("rate", [0.05, 0.1, 0.3])
+def test_builder_poisons_exactly_round_rate_n_and_leaves_the_rest_bit_identical(name, rate):
+    x = images(200, 3)
+    y = torch.arange(200) % 10
+    grid = attacks.wanet_grid(H, W, seed=0)
+    noise = (lambda im, g: attacks.wanet_noise(im, grid, g)) if name == "wanet" else None
+    ps = attacks.poison(x, y, triggers()[name], rate, target=0, seed=0, noise=noise, cross_ratio=2.0 if noise else 0)
+    assert len(ps.poison_idx) == round(rate * 200) == len(set(ps.poison_idx.tolist()))
+    assert (ps.labels[ps.poison_idx] == 0).all() and (y[ps.poison_idx] != 0).all()
+    touched = torch.zeros(200, dtype=torch.bool)
+    touched[torch.cat([ps.poison_idx, ps.noise_idx])] = True
+    assert torch.equal(ps.images[~touched], x[~touched]) and torch.equal(ps.labels[~touched], y[~touched])
+    if noise:  # noise samples keep their labels
+        assert len(ps.noise_idx) == round(2 * rate * 200)
+        assert torch.equal(ps.labels[ps.noise_idx], y[ps.noise_idx])
+    again = attacks.poison(x, y, triggers()[name], rate, 0, 0, noise, 2.0 if noise else 0)
+    assert torch.equal(again.poison_idx, ps.poison_idx) and torch.equal(again.images, ps.images)
+
+
+@given(seeds, st.floats(0.01, 0.3), st.floats(0.01, 0.5))
+def test_defender_split_is_disjoint_from_attacked_samples_and_covers_the_rest(seed, rate, ratio):
+    n = 300
+    y = torch.arange(n) % 10
+    ps = attacks.poison(images(n, 0, h=4, w=4), y, attacks.badnets, rate, 0, seed)
+    clean, unl = attacks.defender_split(n, ps.poison_idx, ratio, seed)
+    assert len(clean) == round(ratio * n)
+    assert not set(clean.tolist()) & set(ps.poison_idx.tolist())
+    assert sorted(clean.tolist() + unl.tolist()) == list(range(n))
+
+
+def test_builder_refuses_more_noise_samples_than_exist():
+    grid = attacks.wanet_grid(H, W, seed=0)
+    with pytest.raises(ValueError, match="cross ratio"):
+        attacks.poison(images(100), torch.arange(100) % 10, lambda im: attacks.wanet(im, grid), 0.4, 0, 0,
+                       lambda im, g: attacks.wanet_noise(im, grid, g), cross_ratio=2.0)
+
+
+def test_defender_split_refuses_an_impossible_clean_ratio():
+    with pytest.raises(ValueError, match="clean ratio"):
+        attacks.defender_split(100, torch.arange(50), 0.6, 0)
+    with pytest.raises(ValueError, match="clean ratio"):
+        attacks.defender_split(100, torch.arange(5), 0.001, 0)
+
+
+def test_backdoor_test_set_holds_no_target_class_image():
+    x = images(50)
+    y = torch.arange(50) % 5
+    xb, yb = attacks.backdoor_test_set(x, y, attacks.badnets, target=2)
+    assert len(xb) == (y != 2).sum() and (yb == 2).all()
+    assert torch.equal(xb, attacks.badnets(x[y != 2]))

@@ -1,0 +1,378 @@
+"""The executable specification of ftt.py: properties of eq. (1)-(7), of the early exits, of the
+augmentations and readers, and one tiny end-to-end run in which SAD removes a real backdoor."""
+import gzip
+import json
+import math
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+
+import attacks
+import ftt
+from conftest import needs_cifar10, needs_fashion
+
+# small float64 feature maps (B, C, H, W): exactness matters more than size here
+dims = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 5), st.integers(1, 5))
+seeds = st.integers(0, 2**31 - 1)
+ps = st.sampled_from([1.0, 2.0, 3.0])
+
+
+def feature(shape, seed, scale=1.0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+
+
+# ------------------------------------------------------------------ attention operators, eq. (2)-(4)
+
+@given(dims, seeds, ps)
+def test_attention_maps_are_nonnegative_with_shape_bhw(shape, seed, p):
+    f = feature(shape, seed)
+    for a in (ftt.attention_sum(f), ftt.attention_sum_p(f, p), ftt.attention_max_p(f, p)):
+        assert a.shape == (shape[0], shape[2], shape[3])
+        assert (a >= 0).all()
+
+
+@given(dims, seeds)
+def test_attention_sum_p_with_p_1_is_attention_sum(shape, seed):
+    f = feature(shape, seed)
+    torch.testing.assert_close(ftt.attention_sum_p(f, 1.0), ftt.attention_sum(f))
+
+
+@given(dims, seeds, ps)
+def test_attention_max_p_is_at_most_attention_sum_p(shape, seed, p):
+    f = feature(shape, seed)
+    assert (ftt.attention_max_p(f, p) <= ftt.attention_sum_p(f, p) + 1e-12).all()
+
+
+@given(dims, seeds, ps, st.floats(-4, 4).filter(lambda c: abs(c) > 1e-3))
+def test_attention_operators_are_homogeneous_of_degree_p(shape, seed, p, c):
+    f = feature(shape, seed)
+    torch.testing.assert_close(ftt.attention_sum(c * f), abs(c) * ftt.attention_sum(f))
+    torch.testing.assert_close(ftt.attention_sum_p(c * f, p), abs(c) ** p * ftt.attention_sum_p(f, p))
+    torch.testing.assert_close(ftt.attention_max_p(c * f, p), abs(c) ** p * ftt.attention_max_p(f, p))
+
+
+@given(dims, seeds, ps)
+def test_attention_operators_ignore_channel_order(shape, seed, p):
+    f = feature(shape, seed)
+    perm = torch.randperm(shape[1], generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(ftt.attention_sum(f[:, perm]), ftt.attention_sum(f))
+    torch.testing.assert_close(ftt.attention_sum_p(f[:, perm], p), ftt.attention_sum_p(f, p))
+    torch.testing.assert_close(ftt.attention_max_p(f[:, perm], p), ftt.attention_max_p(f, p))
+
+
+# ------------------------------------------------------------------ AP loss, eq. (5)
+
+def ap_reference(f_i, f_d, p):
+    """Independent float64 reference: ||a/|a| - b/|b||| = sqrt(2 - 2 cos(a, b)), per sample by loop."""
+    out = []
+    for a, b in zip(f_i, f_d):
+        ma = (a.abs() ** p).sum(0).flatten().tolist()
+        mb = (b.abs() ** p).sum(0).flatten().tolist()
+        na, nb = math.sqrt(sum(v * v for v in ma)), math.sqrt(sum(v * v for v in mb))
+        cos = sum(u * v for u, v in zip(ma, mb)) / (na * nb)
+        out.append(math.sqrt(max(2 - 2 * cos, 0.0)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@given(dims, seeds, ps)
+def test_ap_loss_is_zero_for_identical_maps(shape, seed, p):
+    f = feature(shape, seed)
+    assert ftt.ap_loss(f, f, p).abs().max() < 1e-6
+
+
+@given(dims, seeds, seeds, st.floats(0.01, 100), st.floats(0.01, 100))
+def test_ap_loss_is_invariant_to_positive_scaling_of_either_input(shape, s1, s2, c1, c2):
+    f, g = feature(shape, s1), feature(shape, s2)
+    torch.testing.assert_close(ftt.ap_loss(c1 * f, c2 * g), ftt.ap_loss(f, g), atol=1e-5, rtol=1e-5)
+
+
+@given(dims, seeds, seeds, ps)
+def test_ap_loss_is_symmetric_and_within_0_and_sqrt2(shape, s1, s2, p):
+    f, g = feature(shape, s1), feature(shape, s2)
+    d = ftt.ap_loss(f, g, p)
+    torch.testing.assert_close(d, ftt.ap_loss(g, f, p))
+    assert (d >= 0).all() and (d <= math.sqrt(2) + 1e-6).all()
+
+
+@given(dims, st.integers(1, 4), seeds, seeds, ps)
+def test_ap_loss_equals_independent_float64_reference(shape, c_d, s1, s2, p):
+    f_i = feature(shape, s1)
+    f_d = feature((shape[0], c_d, shape[2], shape[3]), s2)  # channels may differ, space may not
+    torch.testing.assert_close(ftt.ap_loss(f_i, f_d, p).double(), ap_reference(f_i, f_d, p), atol=1e-5, rtol=1e-4)
+
+
+def test_ap_loss_reaches_sqrt2_for_disjoint_maps():
+    f_i = torch.zeros(1, 1, 2, 2); f_i[0, 0, 0, 0] = 1
+    f_d = torch.zeros(1, 1, 2, 2); f_d[0, 0, 1, 1] = 3
+    assert ftt.ap_loss(f_i, f_d).item() == pytest.approx(math.sqrt(2))
+
+
+# ------------------------------------------------------------------ pseudo-labels, eq. (6)
+
+logits_st = st.tuples(st.integers(1, 16), st.integers(2, 10), seeds)
+
+
+def probs_of(spec):
+    b, k, seed = spec
+    return (torch.randn(b, k, generator=torch.Generator().manual_seed(seed)) * 3).softmax(1)
+
+
+@given(logits_st, st.floats(0, 1))
+def test_pseudo_label_masked_iff_confidence_below_threshold(spec, t):
+    probs = probs_of(spec)
+    y = ftt.pseudo_labels(probs, t)
+    conf, arg = probs.max(1)
+    assert torch.equal(y == -1, conf < t)
+    assert torch.equal(y[conf >= t], arg[conf >= t])
+
+
+@given(logits_st, st.floats(-5, 0), st.floats(1.0001, 5))
+def test_threshold_at_most_0_labels_everything_above_1_nothing(spec, t_low, t_high):
+    probs = probs_of(spec)
+    assert (ftt.pseudo_labels(probs, t_low) >= 0).all()
+    assert (ftt.pseudo_labels(probs, t_high) == -1).all()
+
+
+@given(logits_st, st.floats(0, 1), st.floats(0, 1))
+def test_labelled_set_shrinks_as_threshold_grows(spec, t1, t2):
+    probs = probs_of(spec)
+    lo, hi = sorted((t1, t2))
+    kept_hi = ftt.pseudo_labels(probs, hi) >= 0
+    kept_lo = ftt.pseudo_labels(probs, lo) >= 0
+    assert (kept_lo | ~kept_hi).all()  # kept at the higher t implies kept at the lower
+
+
+# ------------------------------------------------------------------ early exits
+
+ARCH_EXITS = [("preact18", 3), ("wrn16-1", 2), ("resnet50", 3)]
+
+
+@pytest.mark.parametrize("arch,n_exits", ARCH_EXITS)
+def test_one_output_per_exit_and_features_shaped_like_f_d(arch, n_exits):
+    torch.manual_seed(0)
+    net = ftt.Branched(ftt.build_backbone(arch, 1, 7), (1, 16, 16), 7).train()
+    logits, feats = net(torch.rand(2, 1, 16, 16))
+    assert len(net.exits) == n_exits and len(logits) == len(feats) == n_exits + 1
+    assert all(z.shape == (2, 7) for z in logits)
+    assert all(f.shape == feats[-1].shape for f in feats)
+
+
+@pytest.mark.parametrize("arch", ["preact18", "wrn16-1", "resnet50"])
+def test_eval_output_of_wrapped_model_equals_plain_backbone_and_state_dict_loads(arch):
+    torch.manual_seed(0)
+    net = ftt.Branched(ftt.build_backbone(arch, 3, 10), (3, 16, 16), 10)
+    net.train()
+    net(torch.rand(4, 3, 16, 16))  # move BN statistics away from their init
+    plain = ftt.build_backbone(arch, 3, 10)
+    plain.load_state_dict(net.backbone.state_dict(), strict=True)  # the stripped model is a plain backbone
+    x = torch.rand(3, 3, 16, 16)
+    assert torch.equal(net.eval()(x), plain.eval()(x))
+
+
+def test_gradients_reach_every_branch():
+    torch.manual_seed(0)
+    net = ftt.Branched(ftt.build_backbone("wrn16-1", 3, 5), (3, 16, 16), 5).train()
+    logits, feats = net(torch.rand(4, 3, 16, 16))
+    loss, _, _ = ftt.sad_loss(logits, feats, torch.tensor([0, 1, 2, 3]), ftt.exit_weights(3))
+    loss.backward()
+    for i, branch in enumerate(net.exits):
+        for name, prm in branch.named_parameters():
+            assert prm.grad is not None and prm.grad.abs().sum() > 0, f"exit {i}: no gradient at {name}"
+
+
+def test_exits_attach_to_any_backbone_exposing_stem_stages_head():
+    class Tiny(nn.Module):  # a user's own model: only the three attributes are required
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.stages = nn.ModuleList([nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1), nn.ReLU()),
+                                         nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())])
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+        def forward(self, x):
+            return self.head(self.stages[1](self.stages[0](self.stem(x))))
+
+    net = ftt.Branched(Tiny(), (3, 12, 12), 4).train()
+    logits, feats = net(torch.rand(2, 3, 12, 12))
+    assert len(logits) == 2 and feats[0].shape == feats[1].shape == (2, 16, 6, 6)
+
+
+# ------------------------------------------------------------------ losses, eq. (1) and (7)
+
+def test_exit_weights_rise_with_depth_deepest_largest():
+    w = ftt.exit_weights(4)
+    assert w == sorted(w) and len(set(w)) == 4 and w[-1] == max(w) == 1.0
+
+
+def test_sad_loss_equals_weighted_ce_plus_beta_ap_on_hand_example():
+    # two exits; uniform logits over 2 classes: CE = ln 2 each; weights 1/2, 1: CE part = 1.5 ln 2.
+    # F_1 puts all attention on pixel (0, 0), F_D on (1, 1): orthogonal unit maps, AP = sqrt 2.
+    logits = [torch.zeros(1, 2), torch.zeros(1, 2)]
+    f1 = torch.zeros(1, 1, 2, 2); f1[0, 0, 0, 0] = 2.0
+    fd = torch.zeros(1, 1, 2, 2); fd[0, 0, 1, 1] = 5.0
+    loss, ce, ap = ftt.sad_loss(logits, [f1, fd], torch.tensor([1]), ftt.exit_weights(2), beta=0.03)
+    assert ce.item() == pytest.approx(1.5 * math.log(2))
+    assert ap.item() == pytest.approx(math.sqrt(2))
+    assert loss.item() == pytest.approx(1.5 * math.log(2) + 0.03 * math.sqrt(2))
+
+
+def test_ssl_loss_is_zero_when_no_sample_passes_threshold():
+    torch.manual_seed(0)
+    logits = [torch.randn(6, 3, requires_grad=True) for _ in range(3)]
+    feats = [torch.randn(6, 4, 2, 2, requires_grad=True) for _ in range(3)]
+    pseudo = [ftt.pseudo_labels(z.detach().softmax(1), 1.01) for z in logits]
+    loss, ce, ap = ftt.ssl_loss(logits, feats, pseudo, ftt.exit_weights(3))
+    assert loss.item() == 0 and ce.item() == 0 and ap.item() == 0
+    loss.backward()
+    assert all(z.grad.abs().sum() == 0 for z in logits)
+    # ... and positive once something passes
+    pseudo = [ftt.pseudo_labels(z.detach().softmax(1), 0.0) for z in logits]
+    assert ftt.ssl_loss(logits, feats, pseudo, ftt.exit_weights(3))[0].item() > 0
+
+
+def test_ssl_loss_ignores_unlabelled_samples_of_each_exit():
+    torch.manual_seed(0)
+    logits = [torch.randn(4, 3) for _ in range(2)]
+    feats = [torch.rand(4, 2, 3, 3) for _ in range(2)]
+    pseudo = [torch.tensor([0, -1, 2, -1]), torch.tensor([1, -1, -1, 0])]
+    base = ftt.ssl_loss(logits, feats, pseudo, [0.5, 1.0])[0]
+    logits2 = [z.clone() for z in logits]; feats2 = [f.clone() for f in feats]
+    logits2[0][1] += 50; logits2[1][2] -= 50; feats2[0][1] *= 9  # only samples no exit labelled
+    assert torch.allclose(ftt.ssl_loss(logits2, feats2, pseudo, [0.5, 1.0])[0], base)
+
+
+def test_ap_term_teaches_shallow_exit_only_when_f_d_is_detached():
+    f_i = torch.rand(2, 3, 4, 4, requires_grad=True)
+    f_d = torch.rand(2, 3, 4, 4, requires_grad=True)
+    z = [torch.zeros(2, 2), torch.zeros(2, 2)]
+    ftt.sad_loss(z, [f_i, f_d], torch.tensor([0, 1]), [0.5, 1.0], detach_deep=True)[0].backward()
+    assert f_i.grad.abs().sum() > 0 and f_d.grad is None
+    ftt.sad_loss(z, [f_i, f_d], torch.tensor([0, 1]), [0.5, 1.0], detach_deep=False)[0].backward()
+    assert f_d.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ augmentations
+
+@given(seeds)
+def test_crop_with_pad_0_is_identity_or_flip_per_image(seed):
+    x = torch.randint(0, 256, (6, 3, 5, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    y = ftt.random_crop_flip(x, pad=0, generator=torch.Generator().manual_seed(seed))
+    for a, b in zip(x, y):
+        assert torch.equal(a, b) or torch.equal(a.flip(-1), b)
+
+
+@given(seeds)
+def test_weak_crop_is_a_window_of_the_padded_image(seed):
+    x = torch.randint(1, 256, (4, 2, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    y = ftt.random_crop_flip(x, pad=2, generator=torch.Generator().manual_seed(seed))
+    assert y.shape == x.shape and y.dtype == torch.uint8
+    for a, b in zip(F.pad(x, (2, 2, 2, 2)), y):
+        windows = [a[:, i:i + 6, j:j + 6] for i in range(5) for j in range(5)]
+        assert any(torch.equal(w, b) or torch.equal(w.flip(-1), b) for w in windows)
+
+
+def test_weak_augmentation_is_random_per_image():
+    x = torch.randint(1, 256, (1, 3, 8, 8), dtype=torch.uint8).repeat(16, 1, 1, 1)
+    y = ftt.random_crop_flip(x, generator=torch.Generator().manual_seed(0))
+    assert len({bytes(img.numpy()) for img in y}) > 1
+
+
+def test_cutout_greys_at_most_one_square_per_image():
+    x = torch.zeros(8, 3, 12, 12, dtype=torch.uint8)
+    y = ftt.cutout(x, 6, generator=torch.Generator().manual_seed(0))
+    changed = (y != x).any(1)  # (B, H, W)
+    assert ((y == 0) | (y == 128)).all()
+    assert (changed.flatten(1).sum(1) <= 36).all() and (changed.flatten(1).sum(1) > 0).all()
+
+
+def test_strong_augmentation_keeps_shape_dtype_and_differs_per_image():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8).repeat(8, 1, 1, 1)
+    y = ftt.strong_augment(x)
+    assert y.shape == x.shape and y.dtype == torch.uint8
+    assert len({bytes(img.numpy()) for img in y}) == 8
+    assert ftt.strong_augment(x[:0]).shape == (0, 3, 16, 16)
+
+
+# ------------------------------------------------------------------ data readers and the CLI
+
+def test_cifar_reader_keeps_channel_planes_and_labels(tmp_path):
+    data = torch.arange(2 * 3072, dtype=torch.int64).remainder(256).to(torch.uint8).view(2, 3072)
+    with open(tmp_path / "b", "wb") as f:
+        pickle.dump({"data": data.numpy(), "labels": [3, 8]}, f)
+    x, y = ftt.read_cifar_batches([tmp_path / "b"], "labels")
+    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.uint8 and y.tolist() == [3, 8]
+    assert torch.equal(x[1, 2].flatten(), data[1, 2048:])  # rows of 1024 R, then G, then B
+
+
+def test_idx_reader_reads_gzipped_and_plain(tmp_path):
+    arr = torch.randint(0, 256, (3, 4, 5), dtype=torch.uint8)
+    raw = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in arr.shape) + arr.numpy().tobytes()
+    (tmp_path / "a").write_bytes(raw)
+    with gzip.open(tmp_path / "a.gz", "wb") as f:
+        f.write(raw)
+    assert torch.equal(ftt.read_idx(tmp_path / "a"), arr)
+    assert torch.equal(ftt.read_idx(tmp_path / "a.gz"), arr)
+
+
+def test_missing_dataset_without_network_is_one_clear_error(tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise OSError("no network")
+    monkeypatch.setattr(ftt.torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(ftt.DataError, match="cifar-10-batches-py") as e:
+        ftt.load_dataset("cifar10", tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_real_cifar10_copy_reads_as_the_official_set():
+    root = needs_cifar10()
+    d = ftt.load_dataset("cifar10", root)
+    (x, y), (xt, yt) = d["train"], d["test"]
+    assert x.shape == (50000, 3, 32, 32) and xt.shape == (10000, 3, 32, 32)
+    assert torch.bincount(y).tolist() == [5000] * 10
+    assert yt[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
+
+
+def test_cli_flags_come_from_config_and_unknown_flags_fail():
+    cfg = ftt.parse_args(["--attack", "wanet", "--lambda", "0.5", "--no-detach-deep", "--sad-epochs", "3"])
+    assert (cfg.attack, cfg.lam, cfg.detach_deep, cfg.sad_epochs) == ("wanet", 0.5, False, 3)
+    assert ftt.parse_args([]) == ftt.Config()
+    for bad in (["--atack", "badnets"], ["--arch", "vgg"], ["--dataset", "mnist"], ["--beta", "x"]):
+        with pytest.raises(SystemExit):
+            ftt.parse_args(bad)
+
+
+# ------------------------------------------------------------------ end to end
+
+# The tiny setting: Fashion-MNIST (real), 5,000 training images, WRN-10-1, BadNets at 10%, trained by
+# the attacker for 3 epochs without augmentation; the defender holds 10% clean (500 images) and runs
+# SAD for 10 epochs at lr 0.05. Bar: ASR >= 80% before, <= 20% after, ACC at most 10 points lower.
+TINY = dict(dataset="fashion-mnist", arch="wrn10-1", attack="badnets", train_size=5000, test_size=1000,
+            attack_epochs=3, attack_lr=0.05, attack_batch=64, attack_augment=False,
+            clean_ratio=0.1, sad_epochs=10, sad_lr=0.05, ssl_epochs=0, quiet=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sad_removes_a_real_badnets_backdoor(seed, tmp_path):
+    needs_fashion()
+    cfg = ftt.Config(**TINY, seed=seed, out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
+    r = ftt.main(cfg)["results"]
+    assert r["before"]["asr"] >= 80, f"the attack did not take: {r}"
+    assert r["sad"]["asr"] <= 20, f"SAD left the backdoor in: {r}"
+    assert r["sad"]["acc"] >= r["before"]["acc"] - 10, f"SAD cost too much accuracy: {r}"
+
+
+def test_main_runs_both_stages_and_saves_a_plain_backbone_with_its_results(tmp_path):
+    needs_fashion()
+    cfg = ftt.Config(**{**TINY, "train_size": 800, "test_size": 200, "attack_epochs": 1, "sad_epochs": 1,
+                        "ssl_epochs": 1, "mu": 2}, out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
+    report = ftt.main(cfg)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["results"] == report["results"] and set(saved["results"]) == {"before", "sad", "ssl"}
+    assert saved["config"]["seed"] == 0 and "torch" in saved["versions"] and saved["timings"]["total_s"] > 0
+    plain = ftt.build_backbone("wrn10-1", 1, 10)
+    plain.load_state_dict(torch.load(tmp_path / "run" / "purified.pt", weights_only=True), strict=True)
