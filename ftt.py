@@ -746,9 +746,9 @@ def main(cfg: Config) -> dict:
     clean_idx, unl_idx = attacks.defender_split(len(x_train), touched, cfg.clean_ratio, cfg.seed)
     x_bd, y_bd = attacks.backdoor_test_set(x_test, y_test, trigger, cfg.target)
     timings["poison_s"] = time.time() - t
+    trigger_psnr = attacks.psnr(x_test[:1000], trigger(x_test[:1000]))
     print(f"poisoned {len(ps.poison_idx)} (+{len(ps.noise_idx)} noise) | clean subset {len(clean_idx)} | "
-          f"unlabelled pool {len(unl_idx)} | trigger PSNR {attacks.psnr(x_test[:1000], trigger(x_test[:1000])):.1f} dB",
-          flush=True)
+          f"unlabelled pool {len(unl_idx)} | trigger PSNR {trigger_psnr:.1f} dB", flush=True)
 
     # everything the loops touch lives on the device as uint8
     x_p, y_p = ps.images.to(device), ps.labels.to(device)
@@ -791,7 +791,7 @@ def main(cfg: Config) -> dict:
 
     torch.save(net.backbone.state_dict(), out / "purified.pt")
     report = {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "versions": versions(), "device": str(device),
-              "trigger": trigger_how, "counts": {"train": len(x_train), "test": len(x_test), "poisoned": len(ps.poison_idx),
+              "trigger": {**trigger_how, "psnr_db": trigger_psnr}, "counts": {"train": len(x_train), "test": len(x_test), "poisoned": len(ps.poison_idx),
                                                  "noise": len(ps.noise_idx), "clean": len(clean_idx), "unlabelled": len(unl_idx)},
               "timings": timings, "results": results, "argv": sys.argv}
     (out / "results.json").write_text(json.dumps(report, indent=1))
