@@ -38,7 +38,7 @@ case "$name" in
             --sad-epochs 0 --ssl-epochs 0 "$@")
     files=()
     for a in badnets trojan blended low-frequency wanet atteq-nn; do
-      python3 ftt.py --dataset fashion-mnist --attack "$a" "${budget[@]}" --out "$RUNS/attacks-fmnist-$a"
+      python3 ftt.py --dataset fashion-mnist --train-size 20000 --attack "$a" "${budget[@]}" --out "$RUNS/attacks-fmnist-$a"
       files+=("$RUNS/attacks-fmnist-$a/results.json")
     done
     if [ -n "${DATA_ROOT:-}" ]; then
