@@ -22,8 +22,10 @@ import dataclasses
 import gzip
 import json
 import math
+import os
 import pickle
 import platform
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -51,7 +53,7 @@ ARCHS = ("preact18", "wrn16-1", "resnet50")
 class Config:
     """Every knob of a run. Defaults: the paper's CIFAR-10 / PreActResNet-18 setting."""
     dataset: str = field(default="cifar10", metadata={"choices": DATASETS, "help": "training and test data"})
-    arch: str = field(default="preact18", metadata={"choices": ARCHS, "help": "backbone"})
+    arch: str = field(default="preact18", metadata={"help": "backbone: preact18, resnet50 or wrnD-K (wrn16-1 is the paper's)"})
     attack: str = field(default="badnets", metadata={"choices": attacks.ATTACKS, "help": "backdoor attack"})
     poison_rate: float = field(default=0.1, metadata={"help": "share of the whole training set poisoned (BackdoorBench: 0.1)"})
     target: int = field(default=0, metadata={"help": "all-to-one target class"})
@@ -84,6 +86,7 @@ class Config:
     out: str = field(default="runs/ftt", metadata={"help": "results JSON and purified backbone go here"})
     cache: str = field(default="./cache", metadata={"help": "fitted triggers and reference models are cached here"})
     model: str = field(default="", metadata={"help": "backdoored backbone state_dict to purify (skips backdoored training)"})
+    overwrite: bool = field(default=False, metadata={"help": "allow an --out that already holds results"})
     train_size: int = field(default=0, metadata={"help": "use only the first N training images (0: all)"})
     test_size: int = field(default=0, metadata={"help": "use only the first N test images (0: all)"})
     channels_last: bool = field(default=True, metadata={"help": "NHWC memory format (faster convolutions, CPU and GPU)"})
@@ -118,6 +121,65 @@ def to_input(x: Tensor, channels_last: bool = True) -> Tensor:
 
 class DataError(Exception):
     """A dataset that is missing or unreadable; the CLI prints it as one line."""
+
+
+class ConfigError(Exception):
+    """A flag with a value that cannot work; the CLI prints it as one line and exits with 2."""
+
+
+def validate(cfg: Config) -> None:
+    """Refuse impossible settings before any data is read or anything is written."""
+    choices = {"dataset": DATASETS, "arch": ARCHS, "attack": attacks.ATTACKS}
+    for name, allowed in choices.items():
+        wrn = name == "arch" and re.fullmatch(r"wrn(\d+)-(\d+)", cfg.arch) and (int(cfg.arch[3:].split("-")[0]) - 4) % 6 == 0
+        if getattr(cfg, name) not in allowed and not wrn:
+            raise ConfigError(f"--{name}: {getattr(cfg, name)!r} is not one of {', '.join(allowed)}"
+                              + (" or wrnD-K with D = 6n + 4" if name == "arch" else ""))
+    if not 0 < cfg.poison_rate < 1:
+        raise ConfigError(f"--poison-rate: {cfg.poison_rate} must lie in (0, 1)")
+    if not 0 < cfg.clean_ratio < 1:
+        raise ConfigError(f"--clean-ratio: {cfg.clean_ratio} must lie in (0, 1)")
+    if not 0 <= cfg.threshold <= 1:
+        raise ConfigError(f"--threshold: {cfg.threshold} must lie in [0, 1]")
+    for name in ("attack_epochs", "reference_epochs", "sad_epochs", "ssl_epochs", "train_size", "test_size"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} must be >= 0")
+    for name in ("attack_batch", "batch_size", "mu", "attack_lr", "sad_lr", "ssl_lr"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} must be > 0")
+    if cfg.target < 0:
+        raise ConfigError(f"--target: {cfg.target} must be a class index >= 0")
+    if cfg.model and not Path(cfg.model).is_file():
+        raise ConfigError(f"--model: {cfg.model} is not a readable file")
+    out = Path(cfg.out)
+    if (out / "results.json").exists() and not cfg.overwrite:
+        raise ConfigError(f"--out: {out} already holds results.json; pass --overwrite or choose another --out")
+    probe = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise ConfigError(f"--out: {out} cannot be written ({probe} is not a writable folder)")
+
+
+def load_backbone(path: str | Path, model: nn.Module, arch: str) -> nn.Module:
+    """Load a plain state_dict into `model`, never running code: torch.load(weights_only=True)
+    refuses pickled objects. Any mismatch with `model` becomes one ConfigError line."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for code, others for a corrupt file
+        raise ConfigError(f"--model: {path} is not a plain tensor state_dict ({type(e).__name__}); "
+                          f"refused without running anything in it") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ConfigError(f"--model: {path} holds a {type(state).__name__}, not a state_dict of tensors")
+    want = model.state_dict()
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or extra:
+        raise ConfigError(f"--model: not a --arch {arch} state_dict ({len(missing)} keys missing, e.g. "
+                          f"{missing[:1]}, {len(extra)} unexpected, e.g. {extra[:1]})")
+    for k, v in want.items():
+        if state[k].shape != v.shape:
+            raise ConfigError(f"--model: {k} has shape {tuple(state[k].shape)}, --arch {arch} here expects "
+                              f"{tuple(v.shape)} (check --dataset: input channels and class count)")
+    model.load_state_dict(state)
+    return model
 
 
 def read_cifar_batches(files: list[Path], label_key: str) -> tuple[Tensor, Tensor]:
@@ -723,6 +785,7 @@ def versions() -> dict:
 
 def main(cfg: Config) -> dict:
     t_start = time.time()
+    validate(cfg)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
@@ -735,6 +798,12 @@ def main(cfg: Config) -> dict:
     if cfg.test_size:
         x_test, y_test = x_test[:cfg.test_size], y_test[:cfg.test_size]
     k = data["num_classes"]
+    if cfg.target >= k:
+        raise ConfigError(f"--target: {cfg.target} must be below the {k} classes of {cfg.dataset}")
+    n_free = len(x_train) - round(cfg.poison_rate * len(x_train)) * (3 if cfg.attack == "wanet" else 1)
+    if round(cfg.clean_ratio * len(x_train)) > n_free:
+        raise ConfigError(f"--clean-ratio: {cfg.clean_ratio} asks for {round(cfg.clean_ratio * len(x_train))} clean "
+                          f"samples; only {n_free} of {len(x_train)} are untouched by the attack")
     print(f"ftt: {cfg.dataset} {tuple(x_train.shape)} train, {len(x_test)} test | {cfg.arch} | {cfg.attack} "
           f"rate {cfg.poison_rate} target {cfg.target} | device {device}", flush=True)
 
@@ -761,7 +830,7 @@ def main(cfg: Config) -> dict:
         model = model.to(memory_format=torch.channels_last)
     t = time.time()
     if cfg.model:
-        model.load_state_dict(torch.load(cfg.model, map_location=device, weights_only=True))
+        load_backbone(cfg.model, model, cfg.arch)
     else:
         x_c = x_train.to(device)  # the attacker's own clean copy, for ATTEQ-NN's benign epochs
         alternate = cfg.attack == "atteq-nn"
@@ -806,8 +875,14 @@ def main(cfg: Config) -> dict:
 # CLI: flags are the Config fields
 # ================================================================================================
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line naming the flag, exit code 2 (argparse adds a usage block)
+        print(f"ftt: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
-    ap = argparse.ArgumentParser(description="FTT backdoor purification (AAAI 2024)", allow_abbrev=False)
+    ap = OneLineParser(description="FTT backdoor purification (AAAI 2024)", allow_abbrev=False)
     for f in dataclasses.fields(Config):
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         kw = {"dest": f.name, "default": f.default, "help": f.metadata.get("help", "") + " (default: %(default)s)"}
@@ -819,10 +894,16 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return Config(**vars(ap.parse_args(argv)))
 
 
-if __name__ == "__main__":
-    cfg = parse_args()
+def cli(argv: list[str] | None = None) -> int:
+    """Parse, validate, run. A bad flag or a missing dataset: one line on stderr, exit code 2."""
+    cfg = parse_args(argv)
     try:
         main(cfg)
-    except DataError as e:
+    except (DataError, ConfigError) as e:
         print(f"ftt: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

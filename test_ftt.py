@@ -341,7 +341,7 @@ def test_cli_flags_come_from_config_and_unknown_flags_fail():
     cfg = ftt.parse_args(["--attack", "wanet", "--lambda", "0.5", "--no-detach-deep", "--sad-epochs", "3"])
     assert (cfg.attack, cfg.lam, cfg.detach_deep, cfg.sad_epochs) == ("wanet", 0.5, False, 3)
     assert ftt.parse_args([]) == ftt.Config()
-    for bad in (["--atack", "badnets"], ["--arch", "vgg"], ["--dataset", "mnist"], ["--beta", "x"]):
+    for bad in (["--atack", "badnets"], ["--dataset", "mnist"], ["--beta", "x"]):
         with pytest.raises(SystemExit):
             ftt.parse_args(bad)
 
@@ -376,3 +376,77 @@ def test_main_runs_both_stages_and_saves_a_plain_backbone_with_its_results(tmp_p
     assert saved["config"]["seed"] == 0 and "torch" in saved["versions"] and saved["timings"]["total_s"] > 0
     plain = ftt.build_backbone("wrn10-1", 1, 10)
     plain.load_state_dict(torch.load(tmp_path / "run" / "purified.pt", weights_only=True), strict=True)
+
+
+# ------------------------------------------------------------------ bad input: one line, exit code 2, nothing touched
+
+FMNIST_QUICK = ["--dataset", "fashion-mnist", "--arch", "wrn10-1", "--train-size", "200", "--test-size", "50"]
+BAD = [  # (flags, text the one line must contain)
+    (["--attack", "nope"], "--attack"),
+    (["--arch", "vgg16"], "--arch"),
+    (["--arch", "wrn15-1"], "--arch"),
+    (["--dataset", "mnist"], "--dataset"),
+    (["--poison-rate", "0"], "--poison-rate"),
+    (["--poison-rate", "1.2"], "--poison-rate"),
+    (["--clean-ratio", "0"], "--clean-ratio"),
+    (["--clean-ratio", "-0.1"], "--clean-ratio"),
+    (["--threshold", "1.5"], "--threshold"),
+    (["--threshold", "-0.1"], "--threshold"),
+    (["--sad-epochs", "-1"], "--sad-epochs"),
+    (["--ssl-epochs", "-3"], "--ssl-epochs"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--model", "/nonexistent/model.pt"], "--model"),
+    (["--out", "FILE/sub"], "--out"),  # FILE: a regular file, so nothing can be written below it
+    (["--dataset", "cifar10", "--data-root", "/nonexistent/root"], "cifar-10-batches-py"),
+    (FMNIST_QUICK + ["--clean-ratio", "0.95"], "--clean-ratio"),
+    (FMNIST_QUICK + ["--target", "10"], "--target"),
+]
+
+
+@pytest.mark.parametrize("flags,names", BAD, ids=[" ".join(f[-2:]) for f, _ in BAD])
+def test_bad_flag_ends_in_one_line_and_exit_code_2(flags, names, tmp_path, capsys, monkeypatch):
+    if "fashion-mnist" in flags:
+        needs_fashion()
+    monkeypatch.setattr(ftt.torchvision.datasets, "CIFAR10", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    (tmp_path / "FILE").write_text("")
+    flags = [str(tmp_path / f) if f.startswith("FILE") else f for f in flags]
+    out = ["--out", str(tmp_path / "o")] if "--out" not in flags else []
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(ftt.cli(flags + out + ["--cache", str(tmp_path / "c")]))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and names in err, err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
+
+
+def test_existing_results_are_refused_without_overwrite_and_left_untouched(tmp_path, capsys):
+    (tmp_path / "results.json").write_text("{}")
+    assert ftt.cli(["--out", str(tmp_path)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "results.json").read_text() == "{}"
+
+
+class Payload:  # a checkpoint whose unpickling would create a file
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+def test_checkpoint_carrying_code_is_refused_and_nothing_in_it_runs(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    torch.save({"stem.weight": Payload(str(marker))}, tmp_path / "evil.pt")
+    model = ftt.build_backbone("wrn16-1", 3, 10)
+    with pytest.raises(ftt.ConfigError, match="refused"):
+        ftt.load_backbone(tmp_path / "evil.pt", model, "wrn16-1")
+    assert not marker.exists()
+
+
+def test_wrong_arch_or_class_count_names_the_mismatch(tmp_path):
+    torch.save(ftt.build_backbone("wrn16-1", 3, 10).state_dict(), tmp_path / "m.pt")
+    with pytest.raises(ftt.ConfigError, match="not a --arch preact18 state_dict"):
+        ftt.load_backbone(tmp_path / "m.pt", ftt.build_backbone("preact18", 3, 10), "preact18")
+    with pytest.raises(ftt.ConfigError, match=r"head.4.weight has shape \(10, 64\).*\(100, 64\)"):
+        ftt.load_backbone(tmp_path / "m.pt", ftt.build_backbone("wrn16-1", 3, 100), "wrn16-1")
+    with pytest.raises(ftt.ConfigError, match="stem.weight"):
+        ftt.load_backbone(tmp_path / "m.pt", ftt.build_backbone("wrn16-1", 1, 10), "wrn16-1")
