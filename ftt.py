@@ -718,6 +718,7 @@ def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config
 def reference_model(cfg: Config, x: Tensor, y: Tensor, num_classes: int, device: torch.device) -> nn.Module:
     """A clean model of cfg.arch trained cfg.reference_epochs on the clean training set, cached."""
     model = build_backbone(cfg.arch, x.shape[1], num_classes).to(device)
+    x, y = x.to(device), y.to(device)
     path = Path(cfg.cache) / f"reference_{cfg.dataset}_{cfg.arch}_e{cfg.reference_epochs}_n{len(x)}_s{cfg.seed}.pt"
     if path.exists():
         model.load_state_dict(torch.load(path, map_location=device, weights_only=True))

@@ -2,8 +2,8 @@
 # Reproduce the figures of README.md. Usage: ./reproduce.sh NAME [extra ftt.py flags]
 #   paper     the paper's Table 1 setting for one attack (CIFAR-10, PreActResNet-18; wants a GPU)
 #   offline   FTT on Fashion-MNIST / WRN-16-1 on 2 CPU cores, F_D detached and not (README table)
-#   attacks   every attack's backdoored model: ACC, ASR, trigger PSNR (README per-attack table)
-#             on Fashion-MNIST; with DATA_ROOT holding cifar-10-batches-py/, on CIFAR-10 as well
+#   attacks   every attack's backdoored model on Fashion-MNIST: ACC, ASR, trigger PSNR
+#   attacks-cifar10  the same on CIFAR-10, read from DATA_ROOT/cifar-10-batches-py
 set -euo pipefail
 cd "$(dirname "$0")"
 name=${1:-}; shift || true
@@ -33,22 +33,18 @@ case "$name" in
     python3 ftt.py "${common[@]}" --detach-deep --out "$RUNS/offline-detach"
     python3 ftt.py "${common[@]}" --no-detach-deep --model "$RUNS/offline-detach/backdoored.pt" --out "$RUNS/offline-mutual"
     table "FTT, Fashion-MNIST, WRN-16-1 (./reproduce.sh offline)" "$RUNS"/offline-{detach,mutual}/results.json ;;
-  attacks)
-    budget=(--arch wrn16-1 --attack-epochs 5 --attack-lr 0.05 --no-attack-augment --reference-epochs 3
-            --sad-epochs 0 --ssl-epochs 0 "$@")
+  attacks|attacks-cifar10)
+    # backdoored models only (no defence): ACC, ASR and trigger PSNR per attack
+    budget=(--arch wrn16-1 --train-size 20000 --test-size 2000 --attack-epochs 5 --attack-lr 0.05 --no-attack-augment
+            --reference-epochs 3 --sad-epochs 0 --ssl-epochs 0 --overwrite)
+    if [ "$name" = attacks ]; then data=(--dataset fashion-mnist); tag=fmnist
+    else data=(--dataset cifar10 --data-root "${DATA_ROOT:?set DATA_ROOT to a folder holding cifar-10-batches-py}"); tag=cifar10; fi
     files=()
     for a in badnets trojan blended low-frequency wanet atteq-nn; do
-      python3 ftt.py --dataset fashion-mnist --train-size 20000 --attack "$a" "${budget[@]}" --out "$RUNS/attacks-fmnist-$a"
-      files+=("$RUNS/attacks-fmnist-$a/results.json")
+      python3 ftt.py "${data[@]}" --attack "$a" "${budget[@]}" "$@" --out "$RUNS/attacks-$tag-$a"
+      files+=("$RUNS/attacks-$tag-$a/results.json")
     done
-    if [ -n "${DATA_ROOT:-}" ]; then
-      for a in badnets trojan blended low-frequency wanet atteq-nn; do
-        python3 ftt.py --dataset cifar10 --data-root "$DATA_ROOT" --train-size 20000 --attack "$a" "${budget[@]}" \
-          --out "$RUNS/attacks-cifar10-$a"
-        files+=("$RUNS/attacks-cifar10-$a/results.json")
-      done
-    fi
-    table "Backdoored models (./reproduce.sh attacks): only the 'before' columns are meaningful" "${files[@]}" ;;
+    table "Backdoored models (./reproduce.sh $name): only the 'before' columns are meaningful" "${files[@]}" ;;
   *)
     sed -n '2,8p' "$0"; exit 2 ;;
 esac
