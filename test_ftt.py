@@ -11,7 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
-import attacks
 import ftt
 from conftest import needs_cifar10, needs_fashion
 
