@@ -27,6 +27,7 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 Trigger = Callable[[Tensor], Tensor]
 ATTACKS = ("badnets", "trojan", "blended", "low-frequency", "wanet", "atteq-nn")
+FITTED = ("trojan", "low-frequency", "atteq-nn")  # their trigger is optimised on a clean reference model
 
 
 # ----------------------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ class Config:
     """Every knob of a run. Defaults: the paper's CIFAR-10 / PreActResNet-18 setting."""
     dataset: str = field(default="cifar10", metadata={"choices": DATASETS, "help": "training and test data"})
     arch: str = field(default="preact18", metadata={"help": "backbone: preact18, resnet50 or wrnD-K (wrn16-1 is the paper's)"})
-    attack: str = field(default="badnets", metadata={"choices": attacks.ATTACKS, "help": "backdoor attack"})
+    attack: str = field(default="badnets", metadata={"choices": attacks.ATTACKS + ("none",),
+                                                     "help": "backdoor attack (none: only with --clean-dir, no ASR)"})
     poison_rate: float = field(default=0.1, metadata={"help": "share of the whole training set poisoned (BackdoorBench: 0.1)"})
     target: int = field(default=0, metadata={"help": "all-to-one target class"})
     clean_ratio: float = field(default=0.05, metadata={"help": "defender's clean labelled share of the training set (paper: 5%%)"})
@@ -89,7 +90,14 @@ class Config:
     out: str = field(default="runs/ftt", metadata={"help": "results JSON and purified backbone go here"})
     cache: str = field(default="./cache", metadata={"help": "fitted triggers and reference models are cached here"})
     model: str = field(default="", metadata={"help": "backdoored backbone state_dict to purify (skips backdoored training)"})
-    overwrite: bool = field(default=False, metadata={"help": "allow an --out that already holds results"})
+    overwrite: bool = field(default=False, metadata={"help": "allow an --out that already holds results or a checkpoint"})
+    resume: bool = field(default=False, metadata={"help": "continue the killed run in --out from its last finished epoch"})
+    # your own data instead of --dataset (with --model): ImageFolder layout, one folder per class index
+    clean_dir: str = field(default="", metadata={"help": "your clean labelled images: one sub-folder per class, "
+                                                         "sorted names = class indices (needs --model)"})
+    unlabeled_dir: str = field(default="", metadata={"help": "your unlabelled images for stage 2, any layout (labels ignored)"})
+    test_dir: str = field(default="", metadata={"help": "your labelled test images, same class folders, for ACC "
+                                                        "(and ASR with --attack badnets/blended/wanet)"})
     train_size: int = field(default=0, metadata={"help": "use only the first N training images (0: all)"})
     test_size: int = field(default=0, metadata={"help": "use only the first N test images (0: all)"})
     channels_last: bool = field(default=True, metadata={"help": "NHWC memory format (faster convolutions, CPU and GPU)"})
@@ -132,7 +140,7 @@ class ConfigError(Exception):
 
 def validate(cfg: Config) -> None:
     """Refuse impossible settings before any data is read or anything is written."""
-    choices = {"dataset": DATASETS, "arch": ARCHS, "attack": attacks.ATTACKS}
+    choices = {"dataset": DATASETS, "arch": ARCHS, "attack": attacks.ATTACKS + ("none",)}
     for name, allowed in choices.items():
         wrn = name == "arch" and re.fullmatch(r"wrn(\d+)-(\d+)", cfg.arch) and (int(cfg.arch[3:].split("-")[0]) - 4) % 6 == 0
         if getattr(cfg, name) not in allowed and not wrn:
@@ -154,9 +162,30 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--target: {cfg.target} must be a class index >= 0")
     if cfg.model and not Path(cfg.model).is_file():
         raise ConfigError(f"--model: {cfg.model} is not a readable file")
+    for name in ("clean_dir", "unlabeled_dir", "test_dir"):
+        path = getattr(cfg, name)
+        if path and not Path(path).is_dir():
+            raise ConfigError(f"--{name.replace('_', '-')}: {path} is not a readable folder")
+        if path and not cfg.clean_dir:
+            raise ConfigError(f"--{name.replace('_', '-')}: needs --clean-dir (your own labelled clean images)")
+    if cfg.clean_dir and not cfg.model:
+        raise ConfigError("--clean-dir: needs --model, the backbone to purify (there is no attacker to train one)")
+    if cfg.clean_dir and cfg.attack in attacks.FITTED:
+        raise ConfigError(f"--attack: {cfg.attack} is fitted to the attacker's own model, so its ASR cannot be measured "
+                          f"on your data; with --clean-dir use badnets, blended, wanet or none")
+    if cfg.attack == "none" and not cfg.clean_dir:
+        raise ConfigError("--attack: none is allowed only with --clean-dir (your own data, ASR not measured)")
     out = Path(cfg.out)
-    if (out / "results.json").exists() and not cfg.overwrite:
-        raise ConfigError(f"--out: {out} already holds results.json; pass --overwrite or choose another --out")
+    if cfg.resume and (out / "results.json").exists():
+        raise ConfigError(f"--resume: {out} holds results.json, the run finished; nothing to resume")
+    if cfg.resume and not (out / "checkpoint.pt").is_file():
+        raise ConfigError(f"--resume: {out} holds no checkpoint.pt to continue from")
+    if not cfg.resume and not cfg.overwrite:
+        for name, what in (("results.json", "results"), ("checkpoint.pt", "the checkpoint of an unfinished run")):
+            if (out / name).exists():
+                raise ConfigError(f"--out: {out} already holds {what} ({name}); pass "
+                                  f"{'--resume to continue it, ' if name == 'checkpoint.pt' else ''}--overwrite, "
+                                  f"or choose another --out")
     probe = next((p for p in [out, *out.parents] if p.exists()), Path("."))
     if not probe.is_dir() or not os.access(probe, os.W_OK):
         raise ConfigError(f"--out: {out} cannot be written ({probe} is not a writable folder)")
@@ -249,6 +278,64 @@ def load_dataset(name: str, root: str | Path) -> dict:
     """-> {"train": (x, y), "test": (x, y), "num_classes": int}, x uint8 (N, C, H, W), y int64 (N,)."""
     root = Path(root)
     return load_fashion_mnist(root) if name == "fashion-mnist" else load_cifar(root, name)
+
+
+# Your own data: ImageFolder layout (torchvision's find_classes / make_dataset), decoded once by PIL
+# into the same uint8 (N, C, H, W) tensors; nothing is decoded in the training loop.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def read_images(paths: list[str], flag: str) -> Tensor:
+    """Image files of one size -> uint8 (N, C, H, W); C = 3 if any image has colour, else 1."""
+    if not paths:
+        raise DataError(f"{flag}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+    from PIL import Image  # torchvision's own image dependency; used once, at load time
+    images = []
+    for p in paths:
+        try:
+            with Image.open(p) as pil:
+                gray = pil.mode in ("1", "L", "LA", "I", "I;16", "F")
+                im = v2.functional.pil_to_tensor(pil.convert("L" if gray else "RGB"))
+        except Exception as e:
+            raise DataError(f"{flag}: cannot decode {p} ({type(e).__name__})") from None
+        images.append(im)
+        if images[-1].shape[1:] != images[0].shape[1:]:
+            raise DataError(f"{flag}: {p} is {tuple(im.shape[1:])}, {paths[0]} is {tuple(images[0].shape[1:])}; "
+                            f"all images must share one size")
+    c = max(im.shape[0] for im in images)
+    return torch.stack([im.expand(c, -1, -1) for im in images])
+
+
+def load_image_folder(root: str, flag: str, classes: list[str] | None = None) -> tuple[Tensor, Tensor, list[str]]:
+    """root/<class>/<image> -> (images uint8 (N, C, H, W), labels, class names). Labels are the
+    positions of the folder names in `classes` (default: root's own sorted folders, ImageFolder's rule)."""
+    from torchvision.datasets.folder import find_classes, make_dataset
+    try:
+        found, _ = find_classes(root)
+    except FileNotFoundError:
+        raise DataError(f"{flag}: {root} has no class sub-folders (ImageFolder layout: {root}/<class>/<image>)") from None
+    classes = classes or found
+    if set(found) - set(classes):
+        raise DataError(f"{flag}: folders {sorted(set(found) - set(classes))} are not classes of --clean-dir {classes}")
+    index = {c: i for i, c in enumerate(classes)}
+    samples = make_dataset(root, {c: index[c] for c in found}, extensions=IMAGE_EXTENSIONS, allow_empty=True)
+    x = read_images([p for p, _ in samples], flag)
+    return x, torch.tensor([y for _, y in samples], dtype=torch.long), classes
+
+
+def load_unlabeled_folder(root: str, flag: str) -> Tensor:
+    """Every image below root, in sorted path order, labels (if any folders) ignored."""
+    return read_images(sorted(str(p) for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS), flag)
+
+
+def export_image_folder(x: Tensor, y: Tensor, root: str | Path, num_classes: int) -> None:
+    """Write uint8 images (N, C, H, W) as PNGs in ImageFolder layout, class folders named by zero-padded
+    index (so sorted names = indices). The README's own-data example is made with it."""
+    width = len(str(num_classes - 1))
+    for i, (im, label) in enumerate(zip(x, y.tolist())):
+        folder = Path(root) / f"{label:0{width}d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        v2.functional.to_pil_image(im.cpu()).save(folder / f"{i:06d}.png")
 
 
 # ================================================================================================
@@ -512,22 +599,32 @@ def ssl_loss(logits_s: list[Tensor], feats_s: list[Tensor], pseudo: list[Tensor]
 
 
 # ================================================================================================
-# Augmentations, per image, on uint8 batches (B, C, H, W) on any device
+# Augmentations: pure functions of uint8 batches (B, C, H, W), on any device, each image its own
+# randomness. No PIL and no per-image Python loop: on a GPU the whole pipeline stays on the GPU.
 # ================================================================================================
+
+def crop(x: Tensor, oy: Tensor, ox: Tensor, pad: int) -> Tensor:
+    """The (H, W) window at offsets (oy[i], ox[i]) of each image zero-padded by `pad`. With pad 0 and
+    offsets 0 it is the identity."""
+    b, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    rows = torch.arange(h, device=x.device)[None] + oy.to(x.device)[:, None]    # (B, H)
+    cols = torch.arange(w, device=x.device)[None] + ox.to(x.device)[:, None]    # (B, W)
+    bi = torch.arange(b, device=x.device)[:, None, None]
+    return xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def hflip(x: Tensor, which: Tensor) -> Tensor:
+    """Mirror left-right the images where which (B,) is True; twice is the identity."""
+    return torch.where(which.to(x.device)[:, None, None, None], x.flip(-1), x)
+
 
 def random_crop_flip(x: Tensor, pad: int = 4, generator: torch.Generator | None = None) -> Tensor:
     """Weak view: random crop after zero-padding by `pad`, and a horizontal flip with p = 0.5, each
-    image its own offset and coin. Batched, since v2.RandomCrop on a batch crops all images alike."""
-    b, _, h, w = x.shape
-    xp = F.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator).to(x.device)
-    ox = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator).to(x.device)
-    flip = (torch.rand(b, 1, generator=generator) < 0.5).to(x.device)
-    cols = torch.arange(w, device=x.device)[None]
-    cols = torch.where(flip, w - 1 - cols, cols) + ox              # (B, W)
-    rows = torch.arange(h, device=x.device)[None] + oy             # (B, H)
-    bi = torch.arange(b, device=x.device)[:, None, None]
-    return xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+    image its own offset and coin (v2.RandomCrop on a batch would crop all images alike)."""
+    b = len(x)
+    oy, ox = torch.randint(0, 2 * pad + 1, (2, b), generator=generator)
+    return hflip(crop(x, oy, ox, pad), torch.rand(b, generator=generator) < 0.5)
 
 
 def cutout(x: Tensor, size: int, generator: torch.Generator | None = None) -> Tensor:
@@ -542,17 +639,59 @@ def cutout(x: Tensor, size: int, generator: torch.Generator | None = None) -> Te
     return torch.where(box[:, None], torch.full_like(x, 128), x)
 
 
-_rand_augment = v2.RandAugment()  # torchvision's defaults: 2 ops, magnitude 9 of 31 bins
+# RandAugment's 14 ops with torchvision's magnitude scale (31 bins; v2.RandAugment's defaults:
+# 2 ops, magnitude 9, nearest interpolation, fill 0). Signed ops take a random sign per image.
+RAND_AUGMENT_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness",
+                    "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
 
 
-def strong_augment(x: Tensor) -> Tensor:
-    """Strong view: weak crop/flip, then RandAugment per image, then cutout of half the side.
-    We use torchvision's RandAugment (fixed magnitude 9, random sign) rather than FixMatch's
-    RandAugmentMC (random magnitude, each op with p = 0.5): stock, documented, and close.
-    v2.RandAugment on a batch would apply the same two ops to every image, hence the loop."""
-    x = random_crop_flip(x)
-    x = torch.stack([_rand_augment(img) for img in x]) if len(x) else x
-    return cutout(x, x.shape[-1] // 2)
+def rand_augment_op(x: Tensor, op: str, sign: int = 1, magnitude: int = 9, bins: int = 31) -> Tensor:
+    """One RandAugment op, applied alike to every image of the uint8 batch x, by torchvision's
+    functional op with the magnitude v2.RandAugment would give it (sign: +1 or -1)."""
+    TF = v2.functional
+    level = lambda lo, hi: torch.linspace(lo, hi, bins)[magnitude].item()  # torchvision's scale, to the bit
+    h, w = x.shape[-2:]
+    if op in ("ShearX", "ShearY"):
+        deg = math.degrees(math.atan(sign * level(0.0, 0.3)))
+        return TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, center=[0, 0],
+                         shear=[deg, 0.0] if op == "ShearX" else [0.0, deg])
+    if op in ("TranslateX", "TranslateY"):
+        t = int(sign * level(0.0, 150.0 / 331.0 * (w if op == "TranslateX" else h)))
+        return TF.affine(x, angle=0.0, translate=[t, 0] if op == "TranslateX" else [0, t], scale=1.0, shear=[0.0, 0.0])
+    if op == "Rotate":
+        return TF.rotate(x, sign * level(0.0, 30.0))
+    factor = 1.0 + sign * level(0.0, 0.9)
+    simple = {"Identity": lambda: x, "Brightness": lambda: TF.adjust_brightness(x, factor),
+              "Color": lambda: TF.adjust_saturation(x, factor), "Contrast": lambda: TF.adjust_contrast(x, factor),
+              "Sharpness": lambda: TF.adjust_sharpness(x, factor),
+              "Posterize": lambda: TF.posterize(x, int((8 - torch.arange(bins) / ((bins - 1) / 4)).round()[magnitude])),
+              "Solarize": lambda: TF.solarize(x, 255.0 * level(1.0, 0.0)),
+              "AutoContrast": lambda: TF.autocontrast(x), "Equalize": lambda: TF.equalize(x)}
+    return simple[op]()
+
+
+def rand_augment(x: Tensor, num_ops: int = 2, magnitude: int = 9, generator: torch.Generator | None = None) -> Tensor:
+    """RandAugment (Cubuk et al. 2020) on a uint8 batch with per-image randomness, batched: each image
+    draws num_ops ops uniformly and a sign each, as v2.RandAugment does for one image; the images that
+    drew the same (op, sign) go through the op together. (v2.RandAugment on a batch would give every
+    image the same ops.)"""
+    b = len(x)
+    for _ in range(num_ops):
+        key = torch.randint(len(RAND_AUGMENT_OPS), (b,), generator=generator) * 2 + \
+            (torch.rand(b, generator=generator) < 0.5)  # op index * 2 + (sign is -1)
+        out = torch.empty_like(x)
+        for k in key.unique().tolist():
+            idx = (key == k).nonzero().flatten().to(x.device)
+            out[idx] = rand_augment_op(x[idx], RAND_AUGMENT_OPS[k // 2], -1 if k % 2 else 1, magnitude)
+        x = out
+    return x
+
+
+def strong_augment(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Strong view (FixMatch): weak crop/flip, RandAugment (2 ops, magnitude 9: torchvision's fixed-magnitude
+    variant, not FixMatch's RandAugmentMC with random magnitudes), then cutout of half the side."""
+    x = rand_augment(random_crop_flip(x, generator=generator), generator=generator)
+    return cutout(x, x.shape[-1] // 2, generator=generator)
 
 
 # ================================================================================================
@@ -576,21 +715,81 @@ class Progress:
     """One fixed-width line per epoch: stage, epoch, loss parts, ACC, ASR, images/s, ETA.
     images/s counts training only: the clock stops while the epoch's evaluation runs."""
 
-    def __init__(self, stage: str, epochs: int, quiet: bool):
-        self.stage, self.epochs, self.quiet = stage, epochs, quiet
+    def __init__(self, stage: str, epochs: int, quiet: bool, start: int = 1):
+        self.stage, self.epochs, self.quiet, self.start = stage, epochs, quiet, start
         self.images, self.train_s, self.t0, self.tick = 0, 0.0, time.time(), time.time()
+        if start > 1 and start <= epochs and not quiet:
+            print(f"{stage:>6} resumed after epoch {start - 1}/{epochs}", flush=True)
 
     def line(self, epoch: int, parts: dict[str, float], evaluate, model: nn.Module) -> tuple[float, float]:
         self.train_s += time.time() - self.tick
         acc, asr = evaluate(model)
         elapsed = time.time() - self.t0
-        eta = elapsed / epoch * (self.epochs - epoch)
+        eta = elapsed / (epoch - self.start + 1) * (self.epochs - epoch)
         if not self.quiet:
             loss = " ".join(f"{k} {v:6.3f}" for k, v in parts.items())
             print(f"{self.stage:>6} epoch {epoch:3d}/{self.epochs} | {loss} | acc {acc:5.2f} asr {asr:6.2f} | "
                   f"{self.images / max(self.train_s, 1e-9):6.0f} img/s | eta {eta / 60:5.1f} min", flush=True)
         self.tick = time.time()
         return acc, asr
+
+
+# Checkpoints: one file per run, out/checkpoint.pt, rewritten at the end of every epoch of every
+# stage. With --resume a run continues after the last finished epoch and, on CPU with the same seed,
+# ends with the figures of a run that was never stopped (test_ftt.py kills one to check).
+STAGES = ("attack", "sad", "ssl")
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a kill leaves the old file or the new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Checkpoint:
+    """The run's position: stage, epoch, model, optimiser, scheduler, RNG states, results so far.
+    `state` is the loaded file when resuming, else None; `results` is shared with main."""
+
+    def __init__(self, path: Path, cfg: Config, results: dict):
+        self.path, self.results, self.state = path, results, None
+        if cfg.resume:
+            try:
+                self.state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ConfigError(f"--resume: {path} cannot be read ({type(e).__name__}); start again with --overwrite") from None
+            keep = {"resume", "overwrite", "quiet", "device"}  # flags that may change on resume
+            for k, v in self.state["config"].items():
+                if k not in keep and getattr(cfg, k) != v:
+                    raise ConfigError(f"--resume: the checkpoint was made with --{k.replace('_', '-')} {v}, "
+                                      f"this run has {getattr(cfg, k)}; resume with the same flags")
+            results.update(self.state["results"])
+        self.config = dataclasses.asdict(cfg)
+
+    def done(self, stage: str) -> bool:
+        """True when the saved run is past `stage` (its results are in self.results)."""
+        return self.state is not None and STAGES.index(self.state["stage"]) > STAGES.index(stage)
+
+    def save(self, stage: str, epoch: int, model: nn.Module, opt, sched, extra: dict | None = None) -> None:
+        if not all(torch.isfinite(p).all() for p in model.parameters()):  # keep the last good one
+            raise FloatingPointError(f"non-finite weights at the end of {stage}, epoch {epoch}; stopping")
+        save_atomic({"stage": stage, "epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
+                     "sched": sched.state_dict(), "extra": extra or {}, "results": dict(self.results),
+                     "config": self.config, "rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, self.path)
+
+    def restore(self, stage: str, model: nn.Module, opt, sched) -> tuple[int, dict]:
+        """-> (first epoch to run, extra loop state). Loads everything if the saved run stopped in `stage`."""
+        st = self.state
+        if st is None or st["stage"] != stage:
+            return 1, {}
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        torch.set_rng_state(st["rng"])
+        if st["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["cuda_rng"])
+        return st["epoch"] + 1, st["extra"]
 
 
 @torch.no_grad()
@@ -610,14 +809,16 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, chann
 
 
 def train_supervised(model: nn.Module, epoch_data, epochs: int, lr: float, batch: int, cfg: Config,
-                     device: torch.device, stage: str, evaluate, augment: bool = True) -> None:
+                     device: torch.device, stage: str, evaluate, augment: bool = True,
+                     ckpt: Checkpoint | None = None) -> None:
     """Plain cross-entropy training with the weak augmentation (the attacker's recipe).
     epoch_data(epoch) -> (x uint8, y) for that epoch: ATTEQ-NN alternates poisoned and benign epochs."""
     n = len(epoch_data(0)[0])
     opt = sgd(model.parameters(), lr, cfg)
     sched = cosine(opt, epochs * math.ceil(n / batch))
-    prog = Progress(stage, epochs, cfg.quiet)
-    for epoch in range(1, epochs + 1):
+    start, _ = ckpt.restore(stage, model, opt, sched) if ckpt else (1, {})
+    prog = Progress(stage, epochs, cfg.quiet, start)
+    for epoch in range(start, epochs + 1):
         x, y = epoch_data(epoch - 1)
         model.train()
         total = 0.0
@@ -635,19 +836,23 @@ def train_supervised(model: nn.Module, epoch_data, epochs: int, lr: float, batch
             total += loss.item() * len(idx)
             prog.images += len(idx)
         prog.line(epoch, {"ce": total / len(x)}, evaluate, model)
+        if ckpt:
+            ckpt.save(stage, epoch, model, opt, sched)
 
 
 # ================================================================================================
 # Stage 1: SAD on the clean labelled subset
 # ================================================================================================
 
-def stage1_sad(net: Branched, x: Tensor, y: Tensor, cfg: Config, device: torch.device, evaluate) -> None:
+def stage1_sad(net: Branched, x: Tensor, y: Tensor, cfg: Config, device: torch.device, evaluate,
+               ckpt: Checkpoint | None = None) -> None:
     weights = exit_weights(len(net.exits) + 1)
     steps = math.ceil(len(x) / cfg.batch_size)
     opt = sgd(net.parameters(), cfg.sad_lr, cfg)
     sched = cosine(opt, cfg.sad_epochs * steps)
-    prog = Progress("sad", cfg.sad_epochs, cfg.quiet)
-    for epoch in range(1, cfg.sad_epochs + 1):
+    start, _ = ckpt.restore("sad", net, opt, sched) if ckpt else (1, {})
+    prog = Progress("sad", cfg.sad_epochs, cfg.quiet, start)
+    for epoch in range(start, cfg.sad_epochs + 1):
         net.train()
         sums = torch.zeros(2)
         perm = torch.randperm(len(x)).to(x.device)
@@ -665,6 +870,8 @@ def stage1_sad(net: Branched, x: Tensor, y: Tensor, cfg: Config, device: torch.d
             prog.images += len(idx)
         ce, ap = (sums / steps).tolist()
         prog.line(epoch, {"ce": ce, "ap": ap}, evaluate, net.backbone)
+        if ckpt:
+            ckpt.save("sad", epoch, net, opt, sched)
 
 
 # ================================================================================================
@@ -672,15 +879,18 @@ def stage1_sad(net: Branched, x: Tensor, y: Tensor, cfg: Config, device: torch.d
 # ================================================================================================
 
 def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config, device: torch.device,
-               evaluate) -> None:
+               evaluate, ckpt: Checkpoint | None = None) -> None:
     weights = exit_weights(len(net.exits) + 1)
     b, bu = cfg.batch_size, cfg.mu * cfg.batch_size
     steps = max(len(x_u) // bu, 1)
     opt = sgd(net.parameters(), cfg.ssl_lr, cfg, nesterov=True)
     sched = cosine(opt, cfg.ssl_epochs * steps)
-    prog = Progress("ssl", cfg.ssl_epochs, cfg.quiet)
     perm_l, pos_l = torch.randperm(len(x_l)).to(x_l.device), 0
-    for epoch in range(1, cfg.ssl_epochs + 1):
+    start, extra = ckpt.restore("ssl", net, opt, sched) if ckpt else (1, {})
+    if extra:  # where the labelled cycle stood
+        perm_l, pos_l = extra["perm_l"].to(x_l.device), extra["pos_l"]
+    prog = Progress("ssl", cfg.ssl_epochs, cfg.quiet, start)
+    for epoch in range(start, cfg.ssl_epochs + 1):
         net.train()
         sums = torch.zeros(5)
         perm_u = torch.randperm(len(x_u)).to(x_u.device)
@@ -712,6 +922,8 @@ def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config
             prog.images += len(u)
         ce_l, ap_l, ce_u, ap_u, mask = (sums / steps).tolist()
         prog.line(epoch, {"ce_l": ce_l, "ap_l": ap_l, "ce_u": ce_u, "ap_u": ap_u, "mask": mask}, evaluate, net.backbone)
+        if ckpt:
+            ckpt.save("ssl", epoch, net, opt, sched, {"perm_l": perm_l.cpu(), "pos_l": pos_l})
 
 
 # ================================================================================================
@@ -782,19 +994,8 @@ def make_trigger(cfg: Config, x: Tensor, y: Tensor, num_classes: int, device: to
 # main: poison, backdoor (or load), evaluate, SAD, SSL, evaluate, save
 # ================================================================================================
 
-def versions() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "cuda": torch.version.cuda, "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()}
-
-
-def main(cfg: Config) -> dict:
-    t_start = time.time()
-    validate(cfg)
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    timings = {}
-
+def benchmark_data(cfg: Config, device: torch.device) -> dict:
+    """--dataset: read it, make the trigger, poison, split for the defender, build the ASR set."""
     data = load_dataset(cfg.dataset, cfg.data_root)
     (x_train, y_train), (x_test, y_test) = data["train"], data["test"]
     if cfg.train_size:
@@ -810,70 +1011,143 @@ def main(cfg: Config) -> dict:
                           f"samples; only {n_free} of {len(x_train)} are untouched by the attack")
     print(f"ftt: {cfg.dataset} {tuple(x_train.shape)} train, {len(x_test)} test | {cfg.arch} | {cfg.attack} "
           f"rate {cfg.poison_rate} target {cfg.target} | device {device}", flush=True)
-
-    t = time.time()
-    trigger, noise, trigger_how = make_trigger(cfg, x_train, y_train, k, device)
+    trigger, noise, how = make_trigger(cfg, x_train, y_train, k, device)
     ps = attacks.poison(x_train, y_train, trigger, cfg.poison_rate, cfg.target, cfg.seed, noise,
                         cross_ratio=2.0 if noise is not None else 0.0)
-    touched = torch.cat([ps.poison_idx, ps.noise_idx])
-    clean_idx, unl_idx = attacks.defender_split(len(x_train), touched, cfg.clean_ratio, cfg.seed)
+    clean_idx, unl_idx = attacks.defender_split(len(x_train), torch.cat([ps.poison_idx, ps.noise_idx]),
+                                                cfg.clean_ratio, cfg.seed)
     x_bd, y_bd = attacks.backdoor_test_set(x_test, y_test, trigger, cfg.target)
-    timings["poison_s"] = time.time() - t
-    trigger_psnr = attacks.psnr(x_test[:1000], trigger(x_test[:1000]))
+    psnr = attacks.psnr(x_test[:1000], trigger(x_test[:1000]))
     print(f"poisoned {len(ps.poison_idx)} (+{len(ps.noise_idx)} noise) | clean subset {len(clean_idx)} | "
-          f"unlabelled pool {len(unl_idx)} | trigger PSNR {trigger_psnr:.1f} dB", flush=True)
+          f"unlabelled pool {len(unl_idx)} | trigger PSNR {psnr:.1f} dB", flush=True)
+    return {"num_classes": k, "x_poisoned": ps.images, "y_poisoned": ps.labels, "x_clean_train": x_train,
+            "y_clean_train": y_train, "x_l": ps.images[clean_idx], "y_l": ps.labels[clean_idx],
+            "x_u": ps.images[unl_idx], "x_test": x_test, "y_test": y_test, "x_bd": x_bd, "y_bd": y_bd,
+            "trigger": {**how, "psnr_db": psnr},
+            "counts": {"train": len(x_train), "test": len(x_test), "poisoned": len(ps.poison_idx),
+                       "noise": len(ps.noise_idx), "clean": len(clean_idx), "unlabelled": len(unl_idx)}}
 
+
+def own_data(cfg: Config) -> dict:
+    """--clean-dir / --unlabeled-dir / --test-dir: your images, for purifying your --model. ASR is
+    measured only for a trigger we can rebuild from flags (badnets, blended, wanet with --seed)."""
+    x_l, y_l, classes = load_image_folder(cfg.clean_dir, "--clean-dir")
+    c, h, w = x_l.shape[1:]
+    x_u = load_unlabeled_folder(cfg.unlabeled_dir, "--unlabeled-dir") if cfg.unlabeled_dir else x_l[:0]
+    x_te, y_te = (load_image_folder(cfg.test_dir, "--test-dir", classes)[:2] if cfg.test_dir
+                  else (x_l[:0], y_l[:0]))
+    for flag, x in (("--unlabeled-dir", x_u), ("--test-dir", x_te)):
+        if len(x) and x.shape[1:] != x_l.shape[1:]:
+            raise DataError(f"{flag}: images are {tuple(x.shape[1:])} (C, H, W), --clean-dir's are {(c, h, w)}")
+    if cfg.target >= len(classes):
+        raise ConfigError(f"--target: {cfg.target} must be below the {len(classes)} classes of --clean-dir")
+    x_bd, y_bd, trigger = x_te[:0], y_te[:0], {"attack": "none"}
+    if cfg.attack != "none" and len(x_te):
+        fn, _, how = make_trigger(cfg, x_l, y_l, len(classes), torch.device("cpu"))
+        x_bd, y_bd = attacks.backdoor_test_set(x_te, y_te, fn, cfg.target)
+        trigger = {"attack": cfg.attack, **how, "target": cfg.target}
+    print(f"ftt: your data {tuple(x_l.shape)} clean ({len(classes)} classes), {len(x_u)} unlabelled, "
+          f"{len(x_te)} test | {cfg.arch} from {cfg.model}", flush=True)
+    return {"num_classes": len(classes), "x_l": x_l, "y_l": y_l, "x_u": x_u, "x_test": x_te, "y_test": y_te,
+            "x_bd": x_bd, "y_bd": y_bd, "trigger": trigger, "classes": classes,
+            "counts": {"clean": len(x_l), "unlabelled": len(x_u), "test": len(x_te), "backdoor_test": len(x_bd)}}
+
+
+def versions() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "cuda": torch.version.cuda, "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()}
+
+
+def measured(acc_asr: tuple[float, float]) -> dict:
+    """(ACC, ASR) -> {"acc", "asr"}, None where there was nothing to measure (JSON has no NaN)."""
+    return {k: (None if math.isnan(v) else v) for k, v in zip(("acc", "asr"), acc_asr)}
+
+
+def main(cfg: Config) -> dict:
+    t_start = time.time()
+    validate(cfg)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    timings = {}
+
+    t = time.time()
+    d = own_data(cfg) if cfg.clean_dir else benchmark_data(cfg, device)
+    timings["data_s"] = time.time() - t
+    k, shape = d["num_classes"], tuple(d["x_l"].shape[1:])
     # everything the loops touch lives on the device as uint8
-    x_p, y_p = ps.images.to(device), ps.labels.to(device)
-    x_te, y_te, x_bd, y_bd = x_test.to(device), y_test.to(device), x_bd.to(device), y_bd.to(device)
+    x_l, y_l, x_u = d["x_l"].to(device), d["y_l"].to(device), d["x_u"].to(device)
+    x_te, y_te, x_bd, y_bd = (d[n].to(device) for n in ("x_test", "y_test", "x_bd", "y_bd"))
     evaluate = lambda m: (accuracy(m, x_te, y_te, device, cfg.channels_last),
                           accuracy(m, x_bd, y_bd, device, cfg.channels_last))
 
-    model = build_backbone(cfg.arch, x_train.shape[1], k).to(device)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite and not cfg.resume:  # a fresh run: nothing of the old one may be resumed or mistaken for ours
+        for name in ("results.json", "checkpoint.pt"):
+            (out / name).unlink(missing_ok=True)
+    results = {}
+    ckpt = Checkpoint(out / "checkpoint.pt", cfg, results)
+    torch.manual_seed(cfg.seed)  # training starts from the seed, whatever fitting the trigger consumed
+    model = build_backbone(cfg.arch, shape[0], k).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     t = time.time()
     if cfg.model:
         load_backbone(cfg.model, model, cfg.arch)
+    elif ckpt.done("attack"):
+        model.load_state_dict(torch.load(out / "backdoored.pt", map_location=device, weights_only=True))
     else:
-        x_c = x_train.to(device)  # the attacker's own clean copy, for ATTEQ-NN's benign epochs
-        alternate = cfg.attack == "atteq-nn"
-        epoch_data = lambda e: (x_c, y_train.to(device)) if alternate and e % 2 else (x_p, y_p)
+        x_p, y_p = d["x_poisoned"].to(device), d["y_poisoned"].to(device)
+        x_c, y_c = d["x_clean_train"].to(device), d["y_clean_train"].to(device)  # the attacker's clean copy
+        alternate = cfg.attack == "atteq-nn"  # ATTEQ-NN's benign epochs
+        epoch_data = lambda e: (x_c, y_c) if alternate and e % 2 else (x_p, y_p)
         train_supervised(model, epoch_data, cfg.attack_epochs, cfg.attack_lr, cfg.attack_batch, cfg, device,
-                         "attack", evaluate, cfg.attack_augment)
+                         "attack", evaluate, cfg.attack_augment, ckpt)
     timings["backdoor_s"] = time.time() - t
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out / "backdoored.pt")
-    results = {"before": dict(zip(("acc", "asr"), evaluate(model)))}
+    if not cfg.model:
+        torch.save(model.state_dict(), out / "backdoored.pt")
+    results["before"] = measured(evaluate(model))
 
-    net = Branched(model, tuple(x_train.shape[1:]), k).to(device)
+    net = Branched(model, shape, k).to(device)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if cfg.compile:
         net.backbone.compile()
-    x_l, y_l, x_u = x_p[clean_idx.to(device)], y_p[clean_idx.to(device)], x_p[unl_idx.to(device)]
     t = time.time()
-    stage1_sad(net, x_l, y_l, cfg, device, evaluate)
+    if not ckpt.done("sad"):
+        stage1_sad(net, x_l, y_l, cfg, device, evaluate, ckpt)
+        results["sad"] = measured(evaluate(net.backbone))
     timings["sad_s"] = time.time() - t
-    results["sad"] = dict(zip(("acc", "asr"), evaluate(net.backbone)))
     t = time.time()
-    stage2_ssl(net, x_l, y_l, x_u, cfg, device, evaluate)
+    if len(x_u):
+        stage2_ssl(net, x_l, y_l, x_u, cfg, device, evaluate, ckpt)
+        results["ssl"] = measured(evaluate(net.backbone))
+    elif not cfg.quiet:
+        print("no unlabelled images (--unlabeled-dir): stage 2 skipped")
     timings["ssl_s"] = time.time() - t
-    results["ssl"] = dict(zip(("acc", "asr"), evaluate(net.backbone)))
     timings["total_s"] = time.time() - t_start
 
     torch.save(net.backbone.state_dict(), out / "purified.pt")
     report = {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "versions": versions(), "device": str(device),
-              "trigger": {**trigger_how, "psnr_db": trigger_psnr}, "counts": {"train": len(x_train), "test": len(x_test), "poisoned": len(ps.poison_idx),
-                                                 "noise": len(ps.noise_idx), "clean": len(clean_idx), "unlabelled": len(unl_idx)},
-              "timings": timings, "results": results, "argv": sys.argv}
-    (out / "results.json").write_text(json.dumps(report, indent=1))
-    print(f"\n| {cfg.attack} ({cfg.dataset}, {cfg.arch}) | ASR % | ACC % |\n|---|---|---|")
+              "trigger": d["trigger"], "counts": d["counts"], "timings": timings, "results": results,
+              "argv": sys.argv}
+    if "classes" in d:
+        report["classes"] = d["classes"]
+    save_atomic_text(json.dumps(report, indent=1), out / "results.json")
+    (out / "checkpoint.pt").unlink(missing_ok=True)  # the run is finished; purified.pt is what remains
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"
+    print(f"\n| {cfg.attack} ({cfg.dataset if not cfg.clean_dir else 'your data'}, {cfg.arch}) | ASR % | ACC % |\n|---|---|---|")
     for name, key in (("before", "before"), ("FTT (SAD)", "sad"), ("FTT (SAD+SSL)", "ssl")):
-        print(f"| {name} | {results[key]['asr']:.2f} | {results[key]['acc']:.2f} |")
+        if key in results:
+            print(f"| {name} | {fmt(results[key]['asr'])} | {fmt(results[key]['acc'])} |")
     print(f"\nwrote {out / 'purified.pt'} and {out / 'results.json'} ({timings['total_s'] / 60:.1f} min)")
     return report
 
+
+def save_atomic_text(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 # ================================================================================================
 # CLI: flags are the Config fields
@@ -906,6 +1180,15 @@ def cli(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError) as e:
         print(f"ftt: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the checkpoint of the last finished epoch is left as it was
+        path = Path(cfg.out) / "checkpoint.pt"
+        if path.exists():
+            st = torch.load(path, map_location="cpu", weights_only=True)
+            kept = f"the last good checkpoint is kept: {path} ({st['stage']}, epoch {st['epoch']})"
+        else:
+            kept = "no epoch had finished, so there is no checkpoint"
+        print(f"ftt: {e}; {kept}", file=sys.stderr)
+        return 1
     return 0
 
 

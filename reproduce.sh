@@ -4,6 +4,7 @@
 #   offline   FTT on Fashion-MNIST / WRN-16-1 on 2 CPU cores, F_D detached and not (README table)
 #   attacks   every attack's backdoored model on Fashion-MNIST: ACC, ASR, trigger PSNR
 #   attacks-cifar10  the same on CIFAR-10, read from DATA_ROOT/cifar-10-batches-py
+#   handed    purify a model you were handed on your own image folders (README walk-through; made here)
 set -euo pipefail
 cd "$(dirname "$0")"
 name=${1:-}; shift || true
@@ -45,6 +46,24 @@ case "$name" in
       files+=("$RUNS/attacks-$tag-$a/results.json")
     done
     table "Backdoored models (./reproduce.sh $name): only the 'before' columns are meaningful" "${files[@]}" ;;
+  handed)
+    # 1. someone hands you a backdoored model (here: trained by the attacker's code on Fashion-MNIST)
+    d="$RUNS/handed"
+    python3 ftt.py --dataset fashion-mnist --arch wrn16-1 --train-size 20000 --attack badnets --attack-epochs 3 \
+      --attack-lr 0.05 --no-attack-augment --sad-epochs 0 --ssl-epochs 0 --overwrite --out "$d/attacker"
+    # 2. your images as ImageFolder trees: 1,000 clean labelled, 10,000 unlabelled, 2,000 test (none seen by the attacker)
+    python3 - "$d" <<'PY'
+import sys, ftt
+d = sys.argv[1]
+(x, y), (xt, yt) = (ftt.load_dataset("fashion-mnist", "./data")[s] for s in ("train", "test"))
+ftt.export_image_folder(x[40000:41000], y[40000:41000], f"{d}/clean", 10)
+ftt.export_image_folder(x[41000:51000], y[41000:51000] * 0, f"{d}/unlabelled", 10)  # labels not used
+ftt.export_image_folder(xt[:2000], yt[:2000], f"{d}/test", 10)
+PY
+    # 3. purify it: ACC on your test images, ASR with the BadNets trigger you suspect
+    python3 ftt.py --model "$d/attacker/backdoored.pt" --arch wrn16-1 --clean-dir "$d/clean" \
+      --unlabeled-dir "$d/unlabelled" --test-dir "$d/test" --attack badnets --sad-epochs 10 --sad-lr 0.05 \
+      --ssl-epochs 2 --overwrite --out "$d/purified" "$@" ;;
   *)
-    sed -n '2,8p' "$0"; exit 2 ;;
+    sed -n '2,9p' "$0"; exit 2 ;;
 esac

@@ -1,5 +1,6 @@
 """The executable specification of ftt.py: properties of eq. (1)-(7), of the early exits, of the
 augmentations and readers, and one tiny end-to-end run in which SAD removes a real backdoor."""
+import dataclasses
 import gzip
 import json
 import math
@@ -288,6 +289,65 @@ def test_cutout_greys_at_most_one_square_per_image():
     assert (changed.flatten(1).sum(1) <= 36).all() and (changed.flatten(1).sum(1) > 0).all()
 
 
+small_batches = st.tuples(st.integers(1, 5), st.sampled_from([1, 3]), st.integers(1, 6), st.integers(1, 6))
+
+
+def images(shape, seed):
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+@given(small_batches, seeds)
+def test_crop_with_pad_0_and_offset_0_is_the_identity(shape, seed):
+    x = images(shape, seed)
+    zero = torch.zeros(shape[0], dtype=torch.long)
+    assert torch.equal(ftt.crop(x, zero, zero, pad=0), x)
+
+
+@given(small_batches, seeds, st.integers(0, 3))
+def test_crop_is_the_window_of_the_padded_image_at_each_images_offsets(shape, seed, pad):
+    x = images(shape, seed)
+    g = torch.Generator().manual_seed(seed)
+    oy, ox = torch.randint(0, 2 * pad + 1, (2, shape[0]), generator=g)
+    y, xp = ftt.crop(x, oy, ox, pad), F.pad(x, (pad,) * 4)
+    for i in range(shape[0]):
+        assert torch.equal(y[i], xp[i, :, oy[i]:oy[i] + shape[2], ox[i]:ox[i] + shape[3]])
+
+
+@given(small_batches, seeds)
+def test_flip_twice_is_the_identity_and_flips_only_the_chosen_images(shape, seed):
+    x = images(shape, seed)
+    which = torch.rand(shape[0], generator=torch.Generator().manual_seed(seed)) < 0.5
+    y = ftt.hflip(x, which)
+    assert torch.equal(ftt.hflip(y, which), x)
+    for i in range(shape[0]):
+        assert torch.equal(y[i], x[i].flip(-1) if which[i] else x[i])
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_each_rand_augment_op_is_one_of_torchvisions_randaugment_outcomes(c):
+    # v2.RandAugment with one op on one image must land on one of our 14 ops x 2 signs
+    x = images((1, c, 12, 12), c)
+    outcomes = [ftt.rand_augment_op(x, op, s)[0] for op in ftt.RAND_AUGMENT_OPS for s in (1, -1)]
+    assert all(o.dtype == torch.uint8 and o.shape == x.shape[1:] for o in outcomes)
+    tv = ftt.v2.RandAugment(num_ops=1)
+    for seed in range(40):
+        torch.manual_seed(seed)
+        y = tv(x[0])
+        assert any(torch.equal(y, o) for o in outcomes), f"seed {seed}: torchvision gave an outcome we cannot make"
+
+
+@given(st.integers(2, 12), seeds)
+def test_rand_augment_is_per_image_and_each_image_depends_only_on_itself(b, seed):
+    x = images((1, 3, 10, 10), seed).repeat(b, 1, 1, 1)
+    x2 = x.clone()
+    x2[1:] = images((b - 1, 3, 10, 10), seed + 1)  # other images in the batch, same draws
+    y, y2 = (ftt.rand_augment(v, generator=torch.Generator().manual_seed(seed)) for v in (x, x2))
+    assert y.shape == x.shape and y.dtype == torch.uint8
+    assert torch.equal(y[0], y2[0])  # batching couples no images
+    if b >= 8:  # 28 equally likely (op, sign) draws per round: 8 identical images all alike is ~1e-10
+        assert len({bytes(img.numpy()) for img in y}) > 1
+
+
 def test_strong_augmentation_keeps_shape_dtype_and_differs_per_image():
     torch.manual_seed(0)
     x = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8).repeat(8, 1, 1, 1)
@@ -399,6 +459,12 @@ BAD = [  # (flags, text the one line must contain)
     (["--dataset", "cifar10", "--data-root", "/nonexistent/root"], "cifar-10-batches-py"),
     (FMNIST_QUICK + ["--clean-ratio", "0.95"], "--clean-ratio"),
     (FMNIST_QUICK + ["--target", "10"], "--target"),
+    (["--resume"], "--resume"),  # no checkpoint in --out
+    (["--clean-dir", "DIR"], "--clean-dir"),  # without --model
+    (["--model", "FILE", "--clean-dir", "/nonexistent/dir"], "--clean-dir"),
+    (["--model", "FILE", "--unlabeled-dir", "DIR"], "--unlabeled-dir"),  # without --clean-dir
+    (["--model", "FILE", "--clean-dir", "DIR", "--attack", "trojan"], "--attack"),
+    (["--attack", "none"], "--attack"),  # only with --clean-dir
 ]
 
 
@@ -408,7 +474,8 @@ def test_bad_flag_ends_in_one_line_and_exit_code_2(flags, names, tmp_path, capsy
         needs_fashion()
     monkeypatch.setattr(ftt.torchvision.datasets, "CIFAR10", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     (tmp_path / "FILE").write_text("")
-    flags = [str(tmp_path / f) if f.startswith("FILE") else f for f in flags]
+    (tmp_path / "DIR").mkdir()
+    flags = [str(tmp_path / f) if f.startswith(("FILE", "DIR")) else f for f in flags]
     out = ["--out", str(tmp_path / "o")] if "--out" not in flags else []
     with pytest.raises(SystemExit) as e:
         raise SystemExit(ftt.cli(flags + out + ["--cache", str(tmp_path / "c")]))
@@ -417,10 +484,11 @@ def test_bad_flag_ends_in_one_line_and_exit_code_2(flags, names, tmp_path, capsy
     assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
 
 
-def test_existing_results_are_refused_without_overwrite_and_left_untouched(tmp_path, capsys):
-    (tmp_path / "results.json").write_text("{}")
+@pytest.mark.parametrize("name", ["results.json", "checkpoint.pt"])
+def test_existing_results_or_checkpoint_are_refused_without_overwrite_and_left_untouched(name, tmp_path, capsys):
+    (tmp_path / name).write_text("{}")
     assert ftt.cli(["--out", str(tmp_path)]) == 2
-    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "results.json").read_text() == "{}"
+    assert "--overwrite" in capsys.readouterr().err and (tmp_path / name).read_text() == "{}"
 
 
 class Payload:  # a checkpoint whose unpickling would create a file
@@ -449,3 +517,144 @@ def test_wrong_arch_or_class_count_names_the_mismatch(tmp_path):
         ftt.load_backbone(tmp_path / "m.pt", ftt.build_backbone("wrn16-1", 3, 100), "wrn16-1")
     with pytest.raises(ftt.ConfigError, match="stem.weight"):
         ftt.load_backbone(tmp_path / "m.pt", ftt.build_backbone("wrn16-1", 1, 10), "wrn16-1")
+
+
+# ------------------------------------------------------------------ runs that survive: checkpoints, resume, non-finite loss
+
+# Small enough for three subprocess runs in ~30 s; the assertions compare runs, not accuracy.
+SURVIVE = ["--dataset", "fashion-mnist", "--arch", "wrn10-1", "--train-size", "2000", "--test-size", "300",
+           "--attack-epochs", "2", "--attack-lr", "0.05", "--attack-batch", "64", "--no-attack-augment",
+           "--clean-ratio", "0.1", "--sad-epochs", "3", "--sad-lr", "0.05", "--ssl-epochs", "3", "--mu", "2",
+           "--threshold", "0.5"]
+
+
+def run_ftt(flags, out, kill_at=None):
+    """Run `python ftt.py` in a subprocess; with kill_at, SIGKILL it as soon as that progress text shows."""
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, ftt.__file__, *flags, "--out", str(out)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in p.stdout:
+        seen.append(line)
+        if kill_at and kill_at in line:
+            p.kill()  # SIGKILL: no handler, no cleanup, like a lost machine
+            break
+    p.wait()
+    return p.returncode, "".join(seen)
+
+
+def test_killed_run_resumed_ends_exactly_like_an_uninterrupted_one(tmp_path):
+    needs_fashion()
+    flags = SURVIVE + ["--cache", str(tmp_path / "cache")]
+    rc, log = run_ftt(flags, tmp_path / "whole")
+    assert rc == 0, log
+    # killed twice: inside SAD (the epoch-1 checkpoint is on disk once epoch 2's line shows), then inside SSL
+    rc, log = run_ftt(flags, tmp_path / "cut", kill_at="sad epoch   2/3")
+    assert rc == -9 and not (tmp_path / "cut" / "results.json").exists(), log
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["stage"] == "sad"
+    rc, log = run_ftt(flags + ["--resume"], tmp_path / "cut", kill_at="ssl epoch   2/3")
+    assert rc == -9 and "resumed after epoch" in log, log
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["stage"] == "ssl"
+    rc, log = run_ftt(flags + ["--resume"], tmp_path / "cut")
+    assert rc == 0, log
+    whole, cut = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "cut"))
+    assert cut["results"] == whole["results"] and set(whole["results"]) == {"before", "sad", "ssl"}
+    a, b = (torch.load(tmp_path / d / "purified.pt", weights_only=True) for d in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run's"
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()  # a finished run leaves no checkpoint
+
+
+def test_resume_with_other_flags_is_refused_before_training(tmp_path):
+    needs_fashion()
+    rc, log = run_ftt(SURVIVE + ["--cache", str(tmp_path / "c")], tmp_path / "o", kill_at="sad epoch   1/3")
+    saved = (tmp_path / "o" / "checkpoint.pt").read_bytes()
+    rc, log = run_ftt(SURVIVE + ["--cache", str(tmp_path / "c"), "--resume", "--sad-lr", "0.1"], tmp_path / "o")
+    assert rc == 2 and "--sad-lr" in log and "epoch" not in log.split("\n")[-2], log
+    assert (tmp_path / "o" / "checkpoint.pt").read_bytes() == saved
+
+
+def test_non_finite_loss_names_stage_epoch_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    needs_fashion()
+    flags = SURVIVE + ["--sad-lr", "1e30", "--quiet", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")]
+    assert ftt.cli(flags) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "non-finite loss" in err and "in sad, epoch 1, step" in err, err
+    kept = torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)
+    assert (kept["stage"], kept["epoch"]) == ("attack", 2) and "(attack, epoch 2)" in err
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def test_same_seed_gives_the_same_results_json_apart_from_timings(tmp_path):
+    needs_fashion()
+    cfg = ftt.parse_args(SURVIVE + ["--quiet", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")])
+    first = ftt.main(cfg)
+    second = json.loads(json.dumps(ftt.main(dataclasses.replace(cfg, overwrite=True))))
+    first, second = ({k: v for k, v in r.items() if k != "timings"} for r in (json.loads(json.dumps(first)), second))
+    second["config"]["overwrite"] = False
+    assert first == second
+
+
+# ------------------------------------------------------------------ your own data: ImageFolder in, purified model out
+
+def image_folders(root, n_per_class=6, classes=3, size=16, seed=0):
+    """Tiny ImageFolder trees written by the repo's own exporter: random RGB images, 3 classes."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n_per_class * classes, 3, size, size), generator=g, dtype=torch.uint8)
+    y = torch.arange(classes).repeat_interleave(n_per_class)
+    for name in ("clean", "test"):
+        ftt.export_image_folder(x, y, root / name, classes)
+    ftt.export_image_folder(x, torch.zeros_like(y), root / "unlabelled", classes)
+    return x, y
+
+
+def test_image_folder_round_trips_and_sorted_folder_names_are_class_indices(tmp_path):
+    x, y = image_folders(tmp_path, classes=3)
+    got_x, got_y, classes = ftt.load_image_folder(str(tmp_path / "clean"), "--clean-dir")
+    assert classes == ["0", "1", "2"] and torch.equal(got_y, y) and torch.equal(got_x, x)
+    assert torch.equal(ftt.load_unlabeled_folder(str(tmp_path / "unlabelled"), "--unlabeled-dir"), x)
+    ftt.export_image_folder(x[:2], torch.tensor([0, 10]), tmp_path / "wide", 11)
+    assert sorted(p.name for p in (tmp_path / "wide").iterdir()) == ["00", "10"]
+
+
+def test_own_folders_purify_a_handed_model_end_to_end(tmp_path):
+    image_folders(tmp_path)
+    torch.save(ftt.build_backbone("wrn10-1", 3, 3).state_dict(), tmp_path / "handed.pt")
+    report = ftt.main(ftt.Config(model=str(tmp_path / "handed.pt"), arch="wrn10-1", clean_dir=str(tmp_path / "clean"),
+                                 unlabeled_dir=str(tmp_path / "unlabelled"), test_dir=str(tmp_path / "test"),
+                                 sad_epochs=1, ssl_epochs=1, batch_size=4, mu=1, quiet=True, out=str(tmp_path / "o")))
+    assert set(report["results"]) == {"before", "sad", "ssl"} and report["classes"] == ["0", "1", "2"]
+    for r in report["results"].values():
+        assert 0 <= r["acc"] <= 100 and 0 <= r["asr"] <= 100
+    assert report["counts"] == {"clean": 18, "unlabelled": 18, "test": 18, "backdoor_test": 12}
+    ftt.build_backbone("wrn10-1", 3, 3).load_state_dict(torch.load(tmp_path / "o" / "purified.pt", weights_only=True))
+
+
+def test_own_folders_without_test_or_unlabelled_images_report_what_they_can(tmp_path):
+    image_folders(tmp_path)
+    torch.save(ftt.build_backbone("wrn10-1", 3, 3).state_dict(), tmp_path / "handed.pt")
+    report = ftt.main(ftt.Config(model=str(tmp_path / "handed.pt"), arch="wrn10-1", clean_dir=str(tmp_path / "clean"),
+                                 attack="none", sad_epochs=1, batch_size=4, quiet=True, out=str(tmp_path / "o")))
+    assert set(report["results"]) == {"before", "sad"}  # no unlabelled images: no stage 2
+    assert report["results"]["sad"] == {"acc": None, "asr": None}  # nothing to measure on, and valid JSON
+    json.loads((tmp_path / "o" / "results.json").read_text())
+
+
+@pytest.mark.parametrize("problem", ["mixed sizes", "unknown test class", "wrong class count", "no images"])
+def test_bad_own_data_ends_in_one_line_naming_the_problem(problem, tmp_path, capsys):
+    image_folders(tmp_path)
+    k = 4 if problem == "wrong class count" else 3
+    torch.save(ftt.build_backbone("wrn10-1", 3, k).state_dict(), tmp_path / "handed.pt")
+    if problem == "mixed sizes":
+        ftt.v2.functional.to_pil_image(torch.zeros(3, 8, 8, dtype=torch.uint8)).save(tmp_path / "clean" / "1" / "odd.png")
+    if problem == "unknown test class":
+        (tmp_path / "test" / "7").mkdir()
+    if problem == "no images":
+        for p in (tmp_path / "clean").rglob("*.png"):
+            p.unlink()
+    code = ftt.cli(["--model", str(tmp_path / "handed.pt"), "--arch", "wrn10-1", "--clean-dir", str(tmp_path / "clean"),
+                    "--test-dir", str(tmp_path / "test"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    want = {"mixed sizes": "odd.png", "unknown test class": "['7']", "wrong class count": "head",
+            "no images": "no images"}[problem]
+    assert code == 2 and len(err.splitlines()) == 1 and want in err, err
