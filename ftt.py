@@ -808,6 +808,49 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, chann
     return 100.0 * correct / len(x)
 
 
+# One training step = a *_forward function (augmented uint8 batches in, loss out), check_finite, descend.
+# The loops below and bench.py call the same functions.
+
+def supervised_forward(model: nn.Module, xb: Tensor, yb: Tensor, cfg: Config, device: torch.device) -> Tensor:
+    """Cross-entropy of model on the (augmented) uint8 batch xb."""
+    with autocast(device):
+        return F.cross_entropy(model(to_input(xb, cfg.channels_last)).float(), yb)
+
+
+def sad_forward(net: Branched, xb: Tensor, yb: Tensor, weights: list[float], cfg: Config,
+                device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """eq. (7), labelled half, on the (augmented) uint8 batch xb -> (loss, ce, ap)."""
+    with autocast(device):
+        logits, feats = net(to_input(xb, cfg.channels_last))
+    return sad_loss(logits, feats, yb, weights, cfg.beta, cfg.p, cfg.detach_deep)
+
+
+def ssl_forward(net: Branched, xb: Tensor, yb: Tensor, u_weak: Tensor, u_strong: Tensor, weights: list[float],
+                cfg: Config, device: torch.device) -> tuple[Tensor, Tensor]:
+    """eq. (7) whole for one step: per-exit pseudo-labels (eq. 6) from the weak view of the unlabelled
+    batch (no gradient), then the labelled batch xb and the strong view in one forward pass.
+    -> (loss, (ce_l, ap_l, ce_u, ap_u, share of the deepest exit's pseudo-labels kept))."""
+    with torch.no_grad(), autocast(device):
+        logits_w, _ = net(to_input(u_weak, cfg.channels_last))
+    pseudo = [pseudo_labels(z.float().softmax(1), cfg.threshold) for z in logits_w]  # eq. (6), per exit
+    with autocast(device):
+        logits, feats = net(to_input(torch.cat([xb, u_strong]), cfg.channels_last))
+    n = len(xb)
+    loss_l, ce_l, ap_l = sad_loss([z[:n] for z in logits], [f[:n] for f in feats], yb,
+                                  weights, cfg.beta, cfg.p, cfg.detach_deep)
+    loss_u, ce_u, ap_u = ssl_loss([z[n:] for z in logits], [f[n:] for f in feats], pseudo,
+                                  weights, cfg.beta, cfg.lam, cfg.p, cfg.detach_deep)
+    parts = torch.stack([ce_l, ap_l, ce_u, ap_u, (pseudo[-1] >= 0).float().mean()]).detach()
+    return loss_l + loss_u, parts  # eq. (7)
+
+
+def descend(opt: torch.optim.Optimizer, sched, loss: Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
 def train_supervised(model: nn.Module, epoch_data, epochs: int, lr: float, batch: int, cfg: Config,
                      device: torch.device, stage: str, evaluate, augment: bool = True,
                      ckpt: Checkpoint | None = None) -> None:
@@ -825,14 +868,9 @@ def train_supervised(model: nn.Module, epoch_data, epochs: int, lr: float, batch
         perm = torch.randperm(len(x)).to(x.device)
         for step, i in enumerate(range(0, len(x), batch)):
             idx = perm[i:i + batch]
-            with autocast(device):
-                xb = random_crop_flip(x[idx]) if augment else x[idx]
-                loss = F.cross_entropy(model(to_input(xb, cfg.channels_last)).float(), y[idx])
+            loss = supervised_forward(model, random_crop_flip(x[idx]) if augment else x[idx], y[idx], cfg, device)
             check_finite(loss, stage, epoch, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            descend(opt, sched, loss)
             total += loss.item() * len(idx)
             prog.images += len(idx)
         prog.line(epoch, {"ce": total / len(x)}, evaluate, model)
@@ -858,14 +896,9 @@ def stage1_sad(net: Branched, x: Tensor, y: Tensor, cfg: Config, device: torch.d
         perm = torch.randperm(len(x)).to(x.device)
         for step, i in enumerate(range(0, len(x), cfg.batch_size)):
             idx = perm[i:i + cfg.batch_size]
-            with autocast(device):
-                logits, feats = net(to_input(random_crop_flip(x[idx]), cfg.channels_last))
-            loss, ce, ap = sad_loss(logits, feats, y[idx], weights, cfg.beta, cfg.p, cfg.detach_deep)  # eq. (7), left
+            loss, ce, ap = sad_forward(net, random_crop_flip(x[idx]), y[idx], weights, cfg, device)
             check_finite(loss, "sad", epoch, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            descend(opt, sched, loss)
             sums += torch.tensor([ce.item(), ap.item()])
             prog.images += len(idx)
         ce, ap = (sums / steps).tolist()
@@ -899,26 +932,11 @@ def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config
                 perm_l, pos_l = torch.randperm(len(x_l)).to(x_l.device), 0
             idx_l, pos_l = perm_l[pos_l:pos_l + b], pos_l + b
             u = x_u[perm_u[step * bu:(step + 1) * bu]]
-            with torch.no_grad(), autocast(device):  # weak view: pseudo-labels only, no gradient
-                logits_w, _ = net(to_input(random_crop_flip(u), cfg.channels_last))
-            pseudo = [pseudo_labels(z.float().softmax(1), cfg.threshold) for z in logits_w]  # eq. (6), per exit
-            # labelled weak batch and unlabelled strong batch share one forward pass
-            with autocast(device):
-                logits, feats = net(to_input(torch.cat([random_crop_flip(x_l[idx_l]), strong_augment(u)]),
-                                             cfg.channels_last))
-            n_l = len(idx_l)
-            loss_l, ce_l, ap_l = sad_loss([z[:n_l] for z in logits], [f[:n_l] for f in feats], y_l[idx_l],
-                                          weights, cfg.beta, cfg.p, cfg.detach_deep)
-            loss_u, ce_u, ap_u = ssl_loss([z[n_l:] for z in logits], [f[n_l:] for f in feats], pseudo,
-                                          weights, cfg.beta, cfg.lam, cfg.p, cfg.detach_deep)
-            loss = loss_l + loss_u  # eq. (7)
+            loss, parts = ssl_forward(net, random_crop_flip(x_l[idx_l]), y_l[idx_l], random_crop_flip(u),
+                                      strong_augment(u), weights, cfg, device)
             check_finite(loss, "ssl", epoch, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            mask = (pseudo[-1] >= 0).float().mean()
-            sums += torch.tensor([ce_l.item(), ap_l.item(), ce_u.item(), ap_u.item(), mask.item()])
+            descend(opt, sched, loss)
+            sums += parts.float().cpu()
             prog.images += len(u)
         ce_l, ap_l, ce_u, ap_u, mask = (sums / steps).tolist()
         prog.line(epoch, {"ce_l": ce_l, "ap_l": ap_l, "ce_u": ce_u, "ap_u": ap_u, "mask": mask}, evaluate, net.backbone)
@@ -1112,7 +1130,7 @@ def main(cfg: Config) -> dict:
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if cfg.compile:
-        net.backbone.compile()
+        net.compile()  # in place; the training forward (stem, stages, exits) is what runs hot
     t = time.time()
     if not ckpt.done("sad"):
         stage1_sad(net, x_l, y_l, cfg, device, evaluate, ckpt)

@@ -658,3 +658,16 @@ def test_bad_own_data_ends_in_one_line_naming_the_problem(problem, tmp_path, cap
     want = {"mixed sizes": "odd.png", "unknown test class": "['7']", "wrong class count": "head",
             "no images": "no images"}[problem]
     assert code == 2 and len(err.splitlines()) == 1 and want in err, err
+
+
+# ------------------------------------------------------------------ bench.py: every row, ratios, JSON
+
+def test_bench_times_every_step_kind_and_writes_its_table_as_json(tmp_path):
+    import bench
+    r = bench.main(["--arch", "wrn10-1", "--shape", "1,8,8", "--batch", "4", "--mu", "2", "--windows", "2",
+                    "--steps", "1", "--warmup", "1", "--pool", "32", "--json", str(tmp_path / "b.json")])
+    assert set(r["rows"]) == {"plain@b", "plain@b(1+mu)", "plain@b(1+mu), pipeline", "sad", "ssl, pipeline",
+                              "ssl, in memory"}
+    assert all(row["images_per_s"] > 0 and len(row["windows"]) == 2 for row in r["rows"].values())
+    assert r["ratios"]["sad / plain@b"] == r["rows"]["sad"]["images_per_s"] / r["rows"]["plain@b"]["images_per_s"]
+    assert r["flops_per_image_train_step"] > 0 and json.loads((tmp_path / "b.json").read_text())["arch"] == "wrn10-1"

@@ -1,0 +1,318 @@
+"""The four defences FTT is compared with (Table 1): fine-tuning, fine-pruning, NAD and ANP.
+
+    python baselines.py --method nad --model runs/x/backdoored.pt [the ftt.py flags of that run] --out runs/x/nad
+
+Every method starts from the same backdoored checkpoint (--model), gets the same clean subset (ftt's
+poisoning and defender split, rebuilt from the same flags and seed), trains with the same budget as SAD
+(--sad-epochs, --sad-lr, --batch-size, crop + flip) and is evaluated by the same code (ftt.accuracy).
+Every threshold or stopping point is chosen on the defender's clean data only, never on the test set
+or a triggered image (BackdoorBench's FP and ANP select on test data; these do not).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ftt
+
+Tensor = torch.Tensor
+METHODS = ("ft", "fp", "nad", "anp")
+
+
+@dataclass
+class Baseline:
+    method: str = "ft"
+    margin: float = 5.0           # FP, ANP: prune while held-out clean ACC stays within this many points
+    holdout: float = 0.2          # FP, ANP: share of the clean subset held out to choose the pruning depth
+    nad_betas: tuple = (500.0, 1000.0, 1000.0)  # NAD's CIFAR betas, on the last three stages
+    anp_eps: float = 0.4          # ANP: bound of the multiplicative neuron perturbation
+    anp_alpha: float = 0.2        # ANP: weight of the clean loss against the perturbed loss
+    anp_lr: float = 0.2           # ANP: SGD lr of the masks
+    anp_iters: int = 2000         # ANP: mask optimisation steps (its paper: 2000 at batch 128)
+    anp_threshold: float = 0.0    # ANP: prune masks below this (its paper: 0.2); 0: prune the smallest masks as
+                                  # deep as held-out clean ACC allows (0.2 left 10% ACC on our small models)
+
+
+def holdout_split(n: int, share: float, seed: int, device) -> tuple[Tensor, Tensor]:
+    """Indices of the clean subset held out to choose a pruning depth, and of the rest."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
+    k = max(1, round(share * n))
+    return order[:k], order[k:]
+
+
+# ------------------------------------------------------------------ FT: fine-tuning on the clean subset
+
+def fine_tune(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, device: torch.device, evaluate,
+              stage: str = "ft") -> nn.Module:
+    ftt.train_supervised(model, lambda e: (x, y), cfg.sad_epochs, cfg.sad_lr, cfg.batch_size, cfg, device,
+                         stage, evaluate)
+    return model
+
+
+# ------------------------------------------------------------------ FP: fine-pruning (Liu et al. 2018)
+
+def channel_mask_hook(mask: Tensor):
+    """A forward hook that multiplies a stage's output channels by mask (C,): 0 prunes a channel."""
+    return lambda module, inputs, out: out * mask.view(1, -1, 1, 1).to(out.dtype)
+
+
+@torch.no_grad()
+def mean_activation(model: nn.Module, x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
+    """Mean activation of each channel of the last stage's output on clean images x: (C,)."""
+    model.eval()
+    total = 0
+    for i in range(0, len(x), 256):
+        h = model.stem(ftt.to_input(x[i:i + 256].to(device), channels_last))
+        for stage in model.stages:
+            h = stage(h)
+        total = total + h.float().mean((2, 3)).sum(0)
+    return total / len(x)
+
+
+def fine_prune(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, device: torch.device,
+               evaluate) -> tuple[nn.Module, dict]:
+    """Prune the last stage's channels, least active on clean data first, as deep as the held-out part of
+    the clean subset allows (ACC within b.margin points of unpruned), then fine-tune on the whole subset.
+    The mask stays on the model as a forward hook (returned in the info, with the pruned channel indices)."""
+    hold, rest = holdout_split(len(x), b.holdout, cfg.seed, x.device)
+    ranking = mean_activation(model, x[rest], device, cfg.channels_last).argsort()  # least active first
+    c = len(ranking)
+    mask = torch.ones(c, device=device)
+    hook = model.stages[-1].register_forward_hook(channel_mask_hook(mask))
+    acc = lambda: ftt.accuracy(model, x[hold], y[hold], device, cfg.channels_last)
+    base, chosen, step = acc(), 0, max(1, c // 64)
+    for k in range(step, c, step):
+        mask.fill_(1)
+        mask[ranking[:k]] = 0
+        if acc() < base - b.margin:
+            break
+        chosen = k
+    mask.fill_(1)
+    mask[ranking[:chosen]] = 0
+    print(f"fp: pruned {chosen} of {c} channels (held-out clean ACC {base:.2f} -> {acc():.2f})", flush=True)
+    fine_tune(model, x, y, cfg, device, evaluate, "fp")
+    return model, {"pruned": sorted(ranking[:chosen].tolist()), "channels": c, "hook": hook, "mask": mask}
+
+
+# ------------------------------------------------------------------ NAD (Li et al. ICLR 2021)
+
+def nad_attention(f: Tensor, p: float = 2.0) -> Tensor:
+    """NAD's attention map: mean over channels of |f|^p, flattened and L2-normalised: (B, H W)."""
+    return F.normalize(f.float().abs().pow(p).mean(1).flatten(1), dim=1)
+
+
+def nad_loss(f_student: Tensor, f_teacher: Tensor, p: float = 2.0) -> Tensor:
+    """NAD's distillation term at one stage: mean squared difference of the attention maps, the
+    teacher's detached. 0 when the two features are equal."""
+    return (nad_attention(f_student, p) - nad_attention(f_teacher.detach(), p)).pow(2).mean()
+
+
+def stage_features(model: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    h, feats = model.stem(x), []
+    for stage in model.stages:
+        h = stage(h)
+        feats.append(h)
+    return model.head(h), feats
+
+
+def nad(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, device: torch.device,
+        evaluate) -> nn.Module:
+    """Teacher: the backdoored model fine-tuned on the clean subset. Student: the backdoored model
+    trained with CE plus sum_i beta_i nad_loss at the last len(betas) stages' outputs."""
+    teacher = fine_tune(copy.deepcopy(model), x, y, cfg, device, evaluate, "nad-t").eval().requires_grad_(False)
+    betas = b.nad_betas[-len(model.stages):]
+    opt = ftt.sgd(model.parameters(), cfg.sad_lr, cfg)
+    steps = math.ceil(len(x) / cfg.batch_size)
+    sched = ftt.cosine(opt, cfg.sad_epochs * steps)
+    prog = ftt.Progress("nad", cfg.sad_epochs, cfg.quiet)
+    for epoch in range(1, cfg.sad_epochs + 1):
+        model.train()
+        perm = torch.randperm(len(x)).to(x.device)
+        sums = torch.zeros(2)
+        for step, i in enumerate(range(0, len(x), cfg.batch_size)):
+            idx = perm[i:i + cfg.batch_size]
+            xb = ftt.to_input(ftt.random_crop_flip(x[idx]), cfg.channels_last)
+            with ftt.autocast(device):
+                logits, fs = stage_features(model, xb)
+                with torch.no_grad():
+                    _, ft = stage_features(teacher, xb)
+            ce = F.cross_entropy(logits.float(), y[idx])
+            at = sum(beta * nad_loss(s, t) for beta, s, t in zip(betas, fs[-len(betas):], ft[-len(betas):]))
+            loss = ce + at
+            ftt.check_finite(loss, "nad", epoch, step)
+            ftt.descend(opt, sched, loss)
+            sums += torch.tensor([ce.item(), at.item()])
+            prog.images += len(idx)
+        ce, at = (sums / steps).tolist()
+        prog.line(epoch, {"ce": ce, "at": at}, evaluate, model)
+    return model
+
+
+# ------------------------------------------------------------------ ANP (Wu & Wang, NeurIPS 2021)
+
+class NeuronPerturbation:
+    """Hooks on every BatchNorm2d: its output gamma x_hat + beta becomes
+    (mask + delta) gamma x_hat + (1 + xi) beta, per channel. mask in [0, 1] is what ANP learns;
+    delta, xi in [-eps, eps] are the adversarial perturbations (0 when `perturb` is off)."""
+
+    def __init__(self, model: nn.Module, eps: float):
+        self.bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        dev = next(model.parameters()).device
+        self.masks = [torch.ones(bn.num_features, device=dev, requires_grad=True) for bn in self.bns]
+        self.deltas = [torch.zeros(bn.num_features, device=dev, requires_grad=True) for bn in self.bns]
+        self.xis = [torch.zeros(bn.num_features, device=dev, requires_grad=True) for bn in self.bns]
+        self.eps, self.perturb = eps, False
+        self.hooks = [bn.register_forward_hook(self.hook(i)) for i, bn in enumerate(self.bns)]
+
+    def hook(self, i: int):
+        def fn(bn, inputs, out):
+            beta = (bn.bias if bn.bias is not None else torch.zeros_like(self.masks[i])).view(1, -1, 1, 1)
+            scale = self.masks[i] + self.deltas[i] if self.perturb else self.masks[i]
+            shift = 1 + self.xis[i] if self.perturb else torch.ones_like(self.masks[i])
+            return scale.view(1, -1, 1, 1) * (out - beta) + shift.view(1, -1, 1, 1) * beta
+        return fn
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def anp(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, device: torch.device) -> tuple[nn.Module, dict]:
+    """Learn a mask per BatchNorm neuron that keeps clean accuracy under adversarial neuron perturbation:
+    each step one signed-gradient ascent step on (delta, xi) within eps, then one SGD step on the masks of
+    alpha L(clean) + (1 - alpha) L(perturbed), masks clipped to [0, 1]. Then the neurons with the smallest
+    masks are pruned (BatchNorm weight and bias set to 0, so the plain model carries the pruning): below
+    b.anp_threshold, or with 0 as many as the held-out part of the clean subset allows.
+    BatchNorm stays in eval mode (running statistics) throughout."""
+    model.eval().requires_grad_(False)
+    hold, rest = holdout_split(len(x), b.holdout, cfg.seed, x.device)
+    x_hold, y_hold, x, y = x[hold], y[hold], x[rest], y[rest]
+    pert = NeuronPerturbation(model, b.anp_eps)
+    opt = torch.optim.SGD(pert.masks, lr=b.anp_lr, momentum=0.9)
+    g = torch.Generator().manual_seed(cfg.seed)
+    batch = 128
+    for it in range(b.anp_iters):
+        idx = torch.randint(len(x), (batch,), generator=g).to(x.device)
+        xb, yb = ftt.to_input(x[idx], cfg.channels_last), y[idx]
+        # maximise the loss over the perturbations (one step, from a random start, as ANP does)
+        pert.perturb = True
+        for p in pert.deltas + pert.xis:
+            p.data.uniform_(-b.anp_eps, b.anp_eps)
+        loss = F.cross_entropy(model(xb).float(), yb)
+        grads = torch.autograd.grad(loss, pert.deltas + pert.xis)
+        for p, gr in zip(pert.deltas + pert.xis, grads):
+            p.data = (p.data + b.anp_eps * gr.sign()).clamp(-b.anp_eps, b.anp_eps)
+        # minimise over the masks
+        loss_rob = F.cross_entropy(model(xb).float(), yb)
+        pert.perturb = False
+        loss_nat = F.cross_entropy(model(xb).float(), yb)
+        loss = b.anp_alpha * loss_nat + (1 - b.anp_alpha) * loss_rob
+        ftt.check_finite(loss, "anp", 1, it)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for m in pert.masks:
+            m.data.clamp_(0, 1)
+        if (it + 1) % max(1, b.anp_iters // 5) == 0 and not cfg.quiet:
+            print(f"   anp step {it + 1}/{b.anp_iters} | nat {loss_nat.item():.3f} rob {loss_rob.item():.3f}", flush=True)
+    masks = [m.detach().clone() for m in pert.masks]
+    pert.perturb = False
+    flat = torch.cat(masks)
+    total, sizes = len(flat), [len(m) for m in masks]
+    offs = lambda k: list((torch.zeros(total, dtype=torch.bool, device=flat.device)
+                           .index_fill_(0, flat.argsort()[:k], True)).split(sizes))
+    if b.anp_threshold:  # ANP's own rule: every neuron whose mask fell below the threshold
+        k = int((flat < b.anp_threshold).sum())
+    else:  # the smallest masks first, as deep as the held-out clean images allow (ANP's pruning by number)
+        def held_out_acc(k: int) -> float:
+            for p, off in zip(pert.masks, offs(k)):
+                p.data = (~off).float()
+            return ftt.accuracy(model, x_hold, y_hold, device, cfg.channels_last)
+        base, k, step = held_out_acc(0), 0, max(1, total // 64)
+        for n in range(step, total, step):
+            if held_out_acc(n) < base - b.margin:
+                break
+            k = n
+    pert.remove()
+    with torch.no_grad():  # bake the pruning into the plain model
+        for bn, off in zip(pert.bns, offs(k)):
+            bn.weight[off] = 0
+            bn.bias[off] = 0
+    print(f"anp: pruned {k} of {total} BatchNorm neurons (smallest masks)", flush=True)
+    return model.requires_grad_(True), {"masks": masks, "pruned": k, "neurons": total}
+
+
+# ------------------------------------------------------------------ one cell: a method on one backdoored model
+
+def run(cfg: ftt.Config, b: Baseline) -> dict:
+    if b.method not in METHODS:
+        raise ftt.ConfigError(f"--method: {b.method!r} is not one of {', '.join(METHODS)}")
+    if not cfg.model:
+        raise ftt.ConfigError("--model: a baseline needs the backdoored checkpoint it defends (ftt.py's backdoored.pt)")
+    ftt.validate(cfg)
+    t0 = time.time()
+    device = ftt.pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    d = ftt.own_data(cfg) if cfg.clean_dir else ftt.benchmark_data(cfg, device)
+    x_l, y_l = d["x_l"].to(device), d["y_l"].to(device)
+    x_te, y_te, x_bd, y_bd = (d[n].to(device) for n in ("x_test", "y_test", "x_bd", "y_bd"))
+    evaluate = lambda m: (ftt.accuracy(m, x_te, y_te, device, cfg.channels_last),
+                          ftt.accuracy(m, x_bd, y_bd, device, cfg.channels_last))
+    torch.manual_seed(cfg.seed)
+    model = ftt.build_backbone(cfg.arch, x_l.shape[1], d["num_classes"]).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ftt.load_backbone(cfg.model, model, cfg.arch)
+    results = {"before": ftt.measured(evaluate(model))}
+    info = {}
+    if b.method == "ft":
+        fine_tune(model, x_l, y_l, cfg, device, evaluate)
+    elif b.method == "fp":
+        model, info = fine_prune(model, x_l, y_l, cfg, b, device, evaluate)
+        info = {"pruned_channels": info["pruned"], "channels": info["channels"]}
+    elif b.method == "nad":
+        nad(model, x_l, y_l, cfg, b, device, evaluate)
+    else:
+        model, info = anp(model, x_l, y_l, cfg, b, device)
+        info = {"pruned_neurons": info["pruned"], "neurons": info["neurons"]}
+    results["after"] = ftt.measured(evaluate(model))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"method": b.method, "baseline": dataclasses.asdict(b), "config": dataclasses.asdict(cfg),
+              "results": results, "info": info, "trigger": d["trigger"], "counts": d["counts"],
+              "timings": {"total_s": time.time() - t0}, "versions": ftt.versions(), "argv": sys.argv}
+    ftt.save_atomic_text(json.dumps(report, indent=1), out / "results.json")
+    r = results
+    print(f"{b.method}: ASR {r['before']['asr']:.2f} -> {r['after']['asr']:.2f}, ACC {r['before']['acc']:.2f} -> "
+          f"{r['after']['acc']:.2f} ({report['timings']['total_s'] / 60:.1f} min) -> {out / 'results.json'}", flush=True)
+    return report
+
+
+def cli(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(add_help=False)
+    for f in dataclasses.fields(Baseline):
+        kind = {"str": str, "float": float, "int": int}.get(f.type)
+        if kind:
+            ap.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default)
+    known, rest = ap.parse_known_args(argv)
+    try:
+        run(ftt.parse_args(rest), Baseline(**vars(known)))
+    except (ftt.DataError, ftt.ConfigError) as e:
+        print(f"baselines: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

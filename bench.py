@@ -1,0 +1,216 @@
+"""Benchmark: what every FTT training step costs against plain training, on the device at hand.
+
+    python bench.py --arch wrn16-1                      # CPU-sized (WRN-16-1, CIFAR-shaped images)
+    python bench.py --arch preact18 --device cuda       # the GPU setting; add --compile to measure torch.compile
+
+Each row times one kind of step, with the very functions ftt.py trains with (supervised_forward,
+sad_forward, ssl_forward, descend, the augmentations): warm-up steps are dropped, then images/s is
+taken over several timed windows and the median reported. Rows:
+  plain@b        backbone forward + backward + SGD step, batch b (the labelled batch)
+  plain@b(1+mu)  the same at the SSL step's forward batch, the fair reference for the SSL row
+  sad            Branched backbone + exits + eq. (7)'s labelled half, batch b; ratio to plain@b
+  ssl            weak view (no grad) + strong view and labelled batch (with grad), eq. (7); counted in
+                 unlabelled images; ratio to plain@b(1+mu)
+  plain / ssl, pipeline vs in memory: fed from a uint8 dataset on the device through the augmentations
+                 (the real pipeline) or from batches augmented once beforehand (in memory)
+FLOPs are counted with torch.utils.flop_counter (convolutions and matmuls, forward and backward) on one
+plain step; on CUDA the achieved FLOP/s is given as a share of the device's dense bf16 peak.
+Output: a Markdown table on stdout and a JSON file (--json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import ftt
+
+# dense bf16 tensor-core peaks (vendor datasheets), by a substring of torch.cuda.get_device_name()
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def parse(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", default="wrn16-1", help="backbone, as in ftt.py (default: %(default)s)")
+    ap.add_argument("--shape", default="3,32,32", help="image C,H,W (default: CIFAR's %(default)s)")
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=64, help="labelled batch b (paper: 64)")
+    ap.add_argument("--mu", type=int, default=7, help="unlabelled batch = mu b (FixMatch: 7)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model of every row")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per row (more with --compile)")
+    ap.add_argument("--windows", type=int, default=5, help="timed windows per row; the median is reported")
+    ap.add_argument("--steps", type=int, default=4, help="steps per timed window")
+    ap.add_argument("--pool", type=int, default=4096, help="images in the synthetic uint8 dataset on the device")
+    ap.add_argument("--json", default="", help="where the JSON goes (default: runs/bench-<device>-<arch>.json)")
+    return ap.parse_args(argv)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rate(step, images: int, device: torch.device, warmup: int, windows: int, steps: int) -> tuple[float, list[float]]:
+    """Median images/s of step() over `windows` windows of `steps` calls, after `warmup` calls."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    per_window = []
+    for _ in range(windows):
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        per_window.append(images * steps / (time.perf_counter() - t))
+    return statistics.median(per_window), per_window
+
+
+def bench(args: argparse.Namespace) -> dict:
+    device = ftt.pick_device(args.device)
+    c, h, w = (int(v) for v in args.shape.split(","))
+    b, bu = args.batch, args.mu * args.batch
+    cfg = ftt.Config(arch=args.arch, batch_size=b, mu=args.mu, channels_last=args.channels_last)
+    torch.manual_seed(0)
+    # a uint8 dataset on the device, as ftt.main holds its data
+    pool_x = torch.randint(0, 256, (args.pool, c, h, w), dtype=torch.uint8, device=device)
+    pool_y = torch.randint(0, args.classes, (args.pool,), device=device)
+    draw = lambda n: torch.randint(0, args.pool, (n,), device=device)
+
+    def model(branched: bool, compile: bool = args.compile):
+        m = ftt.build_backbone(args.arch, c, args.classes).to(device)
+        if branched:
+            m = ftt.Branched(m, (c, h, w), args.classes).to(device)
+        if args.channels_last:
+            m = m.to(memory_format=torch.channels_last)
+        m.train()
+        opt = ftt.sgd(m.parameters(), 0.01, cfg)
+        sched = ftt.cosine(opt, 10 ** 6)
+        if compile:
+            m.compile()  # in place: the module keeps its attributes
+        return m, opt, sched
+
+    def plain_step(n: int, batch=None):
+        m, opt, sched = model(False)
+        fixed = ftt.random_crop_flip(pool_x[:n]), pool_y[:n]
+
+        def step():
+            if batch is None:  # in memory
+                xb, yb = fixed
+            else:  # the real pipeline: gather from the uint8 pool, crop and flip
+                idx = draw(n)
+                xb, yb = ftt.random_crop_flip(pool_x[idx]), pool_y[idx]
+            loss = ftt.supervised_forward(m, xb, yb, cfg, device)
+            ftt.check_finite(loss, "bench", 0, 0)
+            ftt.descend(opt, sched, loss)
+        return step
+
+    def sad_step():
+        net, opt, sched = model(True)
+        weights = ftt.exit_weights(len(net.exits) + 1)
+
+        def step():
+            idx = draw(b)
+            loss, _, _ = ftt.sad_forward(net, ftt.random_crop_flip(pool_x[idx]), pool_y[idx], weights, cfg, device)
+            ftt.check_finite(loss, "bench", 0, 0)
+            ftt.descend(opt, sched, loss)
+        return step
+
+    def ssl_step(pipeline: bool):
+        net, opt, sched = model(True)
+        weights = ftt.exit_weights(len(net.exits) + 1)
+        u = pool_x[:bu]
+        fixed = (ftt.random_crop_flip(pool_x[bu:bu + b]), pool_y[bu:bu + b], ftt.random_crop_flip(u), ftt.strong_augment(u))
+
+        def step():
+            if pipeline:
+                il, iu = draw(b), draw(bu)
+                u = pool_x[iu]
+                batch = ftt.random_crop_flip(pool_x[il]), pool_y[il], ftt.random_crop_flip(u), ftt.strong_augment(u)
+            else:
+                batch = fixed
+            loss, _ = ftt.ssl_forward(net, *batch, weights, cfg, device)
+            ftt.check_finite(loss, "bench", 0, 0)
+            ftt.descend(opt, sched, loss)
+        return step
+
+    warm = args.warmup + (3 if args.compile else 0)
+    timing = lambda step, n: rate(step, n, device, warm, args.windows, args.steps)
+    rows = {}
+    specs = [("plain@b", lambda: plain_step(b), b), ("plain@b(1+mu)", lambda: plain_step(b + bu), b + bu),
+             ("plain@b(1+mu), pipeline", lambda: plain_step(b + bu, "pipeline"), b + bu),
+             ("sad", sad_step, b), ("ssl, pipeline", lambda: ssl_step(True), bu), ("ssl, in memory", lambda: ssl_step(False), bu)]
+    for name, make, n in specs:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        median, windows = timing(make(), n)
+        rows[name] = {"images_per_s": median, "windows": windows}
+        if device.type == "cuda":
+            rows[name]["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        print(f"  {name:<26} {median:9.1f} img/s  (windows: {', '.join(f'{v:.0f}' for v in windows)})", flush=True)
+
+    # FLOPs of one plain step (forward + backward), per image
+    m, opt, sched = model(False, compile=False)
+    counter = FlopCounterMode(display=False)
+    xb, yb = ftt.random_crop_flip(pool_x[:b]), pool_y[:b]
+    with counter:
+        ftt.descend(opt, sched, ftt.supervised_forward(m, xb, yb, cfg, device))
+    flops_per_image = counter.get_total_flops() / b
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None) if device.type == "cuda" else None
+    plain = rows["plain@b(1+mu)"]["images_per_s"]
+    ratios = {"sad / plain@b": rows["sad"]["images_per_s"] / rows["plain@b"]["images_per_s"],
+              "ssl (unlabelled) / plain@b(1+mu)": rows["ssl, pipeline"]["images_per_s"] / plain,
+              "ssl (unlabelled) / plain@b": rows["ssl, pipeline"]["images_per_s"] / rows["plain@b"]["images_per_s"],
+              "plain: pipeline / in memory": rows["plain@b(1+mu), pipeline"]["images_per_s"] / plain,
+              "ssl: pipeline / in memory": rows["ssl, pipeline"]["images_per_s"] / rows["ssl, in memory"]["images_per_s"]}
+    achieved = flops_per_image * plain
+    report = {"device": str(device), "device_name": name, "threads": torch.get_num_threads(), "arch": args.arch,
+              "shape": [c, h, w], "batch": b, "mu": args.mu, "channels_last": args.channels_last,
+              "compile": args.compile, "amp": "bf16" if device.type == "cuda" else "none (fp32 on CPU)",
+              "rows": rows, "ratios": ratios, "flops_per_image_train_step": flops_per_image,
+              "achieved_flops_per_s_plain": achieved, "peak_bf16_flops_per_s": peak,
+              "share_of_peak": achieved / peak if peak else None,
+              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+              "versions": ftt.versions(), "date": time.strftime("%Y-%m-%d"), "settings": vars(args)}
+    return report
+
+
+def markdown(r: dict) -> str:
+    lines = [f"{r['arch']} on {r['device_name']} ({r['device']}, {r['threads']} threads), images {tuple(r['shape'])}, "
+             f"b {r['batch']}, mu {r['mu']}, channels_last {r['channels_last']}, compile {r['compile']}, AMP {r['amp']}, "
+             f"{r['date']}", "", "| step | images/s (median) | peak GPU memory GiB |", "|---|---|---|"]
+    for name, row in r["rows"].items():
+        mem = f"{row['peak_mem_gib']:.2f}" if "peak_mem_gib" in row else "-"
+        lines.append(f"| {name} | {row['images_per_s']:.1f} | {mem} |")
+    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in r["ratios"].items()]
+    share = f", {100 * r['share_of_peak']:.1f}% of the bf16 peak" if r["share_of_peak"] else ""
+    lines += ["", f"Training-step FLOPs per image {r['flops_per_image_train_step'] / 1e9:.3f} GFLOP; plain@b(1+mu) "
+                  f"achieves {r['achieved_flops_per_s_plain'] / 1e12:.3f} TFLOP/s{share}. Peak RSS {r['peak_rss_gib']:.1f} GiB."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    print(f"bench: {args.arch}, images {args.shape}, b {args.batch}, mu {args.mu}", flush=True)
+    r = bench(args)
+    text = markdown(r)
+    print("\n" + text)
+    path = Path(args.json or f"runs/bench-{r['device'].replace(':', '')}-{args.arch}{'-compile' if args.compile else ''}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(r, indent=1))
+    print(f"\nwrote {path}")
+    return r
+
+
+if __name__ == "__main__":
+    main()
