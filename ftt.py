@@ -98,6 +98,8 @@ class Config:
     unlabeled_dir: str = field(default="", metadata={"help": "your unlabelled images for stage 2, any layout (labels ignored)"})
     test_dir: str = field(default="", metadata={"help": "your labelled test images, same class folders, for ACC "
                                                         "(and ASR with --attack badnets/blended/wanet)"})
+    pool_poison_share: float = field(default=-1.0, metadata={"help": "Table 3: unlabelled pool of fixed size with this share "
+                                                                   "poisoned (-1: the natural pool, all the rest)"})
     train_size: int = field(default=0, metadata={"help": "use only the first N training images (0: all)"})
     test_size: int = field(default=0, metadata={"help": "use only the first N test images (0: all)"})
     channels_last: bool = field(default=True, metadata={"help": "NHWC memory format (faster convolutions, CPU and GPU)"})
@@ -150,6 +152,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--poison-rate: {cfg.poison_rate} must lie in (0, 1)")
     if not 0 < cfg.clean_ratio < 1:
         raise ConfigError(f"--clean-ratio: {cfg.clean_ratio} must lie in (0, 1)")
+    if not (cfg.pool_poison_share == -1 or 0 <= cfg.pool_poison_share <= 0.75):
+        raise ConfigError(f"--pool-poison-share: {cfg.pool_poison_share} must be -1 or lie in [0, 0.75]")
     if not 0 <= cfg.threshold <= 1:
         raise ConfigError(f"--threshold: {cfg.threshold} must lie in [0, 1]")
     for name in ("attack_epochs", "reference_epochs", "sad_epochs", "ssl_epochs", "train_size", "test_size"):
@@ -1012,6 +1016,17 @@ def make_trigger(cfg: Config, x: Tensor, y: Tensor, num_classes: int, device: to
 # main: poison, backdoor (or load), evaluate, SAD, SSL, evaluate, save
 # ================================================================================================
 
+def pool_with_share(pool: Tensor, poisoned: Tensor, share: float, seed: int) -> Tensor:
+    """Table 3: an unlabelled pool of fixed size, len(poisoned) / 0.75 (so that even 75% is possible),
+    of which round(share x size) are poisoned samples and the rest clean ones of the original pool."""
+    size = int(len(poisoned) / 0.75)
+    is_p = torch.isin(pool, poisoned)
+    g = torch.Generator().manual_seed(seed + 2)
+    pick = lambda idx, k: idx[torch.randperm(len(idx), generator=g)[:k]]
+    n_p = round(share * size)
+    return torch.cat([pick(pool[is_p], n_p), pick(pool[~is_p], size - n_p)]).sort().values
+
+
 def benchmark_data(cfg: Config, device: torch.device) -> dict:
     """--dataset: read it, make the trigger, poison, split for the defender, build the ASR set."""
     data = load_dataset(cfg.dataset, cfg.data_root)
@@ -1034,6 +1049,8 @@ def benchmark_data(cfg: Config, device: torch.device) -> dict:
                         cross_ratio=2.0 if noise is not None else 0.0)
     clean_idx, unl_idx = attacks.defender_split(len(x_train), torch.cat([ps.poison_idx, ps.noise_idx]),
                                                 cfg.clean_ratio, cfg.seed)
+    if cfg.pool_poison_share >= 0:
+        unl_idx = pool_with_share(unl_idx, ps.poison_idx, cfg.pool_poison_share, cfg.seed)
     x_bd, y_bd = attacks.backdoor_test_set(x_test, y_test, trigger, cfg.target)
     psnr = attacks.psnr(x_test[:1000], trigger(x_test[:1000]))
     print(f"poisoned {len(ps.poison_idx)} (+{len(ps.noise_idx)} noise) | clean subset {len(clean_idx)} | "

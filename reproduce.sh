@@ -5,6 +5,14 @@
 #   attacks   every attack's backdoored model on Fashion-MNIST: ACC, ASR, trigger PSNR
 #   attacks-cifar10  the same on CIFAR-10, read from DATA_ROOT/cifar-10-batches-py
 #   handed    purify a model you were handed on your own image folders (README walk-through; made here)
+#   quick     Table 1's layout offline on 2 CPU cores: Fashion-MNIST, WRN-16-1, six attacks x seven columns
+#   table1    Table 1: CIFAR-10, PreActResNet-18, five attacks, Before / FT / FP / NAD / ANP / FTT (GPU)
+#   table2    Table 2: WRN-16-1 on CIFAR-10 (BadNets, Trojan; CPU-able with --train-size) and ResNet-50 on CIFAR-100 (GPU)
+#   table3    Table 3: poisoned share 0 / 25 / 50 / 75% of the unlabelled pool (GPU)
+#   table4    Table 4: ablation, FTT / without SSL / without SAD (GPU)
+#   fig5      Figure 5: clean share 0.5% .. 10% for every method (GPU); a table, and a PNG with matplotlib
+# Every cell writes RUNS/<table>/<row>/<method>/results.json; a rerun skips finished cells; backdoored
+# models are trained once per row (by the FTT cell) and shared by every method of that row.
 set -euo pipefail
 cd "$(dirname "$0")"
 name=${1:-}; shift || true
@@ -21,6 +29,48 @@ for f in files:
     print(f"| {f.split('/')[-2]} | {c['attack']} | {m['before']['asr']:.2f} | {m['before']['acc']:.2f} | "
           f"{m['sad']['asr']:.2f} | {m['sad']['acc']:.2f} | {m['ssl']['asr']:.2f} | {m['ssl']['acc']:.2f} | "
           f"{r['trigger']['psnr_db']:.1f} | {r['timings']['total_s'] / 60:.1f} |")
+PY
+}
+
+CELL=0; CELLS=1
+cell() {  # cell DIR PROGRAM FLAGS... : run one cell unless DIR/results.json exists
+  local dir=$1 prog=$2; shift 2
+  CELL=$((CELL + 1))
+  if [ -f "$dir/results.json" ]; then echo "[cell $CELL/$CELLS] $dir: done, skipped"; return; fi
+  echo "[cell $CELL/$CELLS] $dir"
+  local resume=(); [ -f "$dir/checkpoint.pt" ] && resume=(--resume)
+  python3 "$prog" "$@" "${resume[@]}" --out "$dir"
+}
+
+row() {  # row DIR FLAGS... : FTT (trains and saves the backdoored model), then FT, FP, NAD, ANP on that model
+  local dir=$1; shift
+  cell "$dir/ftt" ftt.py "$@"
+  for m in ft fp nad anp; do cell "$dir/$m" baselines.py --method "$m" --model "$dir/ftt/backdoored.pt" "$@" ${BASELINE_FLAGS:-}; done
+}
+
+method_table() {  # method_table TITLE ROWDIR... : the paper's Table 1 layout, with Average and Deviation rows
+  python3 - "$@" <<'PY'
+import json, os, statistics, sys
+title, rows = sys.argv[1], sys.argv[2:]
+cols = [("Before", "ftt", "before"), ("FT", "ft", "after"), ("FP", "fp", "after"), ("NAD", "nad", "after"),
+        ("ANP", "anp", "after"), ("FTT(SAD)", "ftt", "sad"), ("FTT(SAD+SSL)", "ftt", "ssl")]
+def get(row, method, key):
+    f = os.path.join(row, method, "results.json")
+    return json.load(open(f))["results"][key] if os.path.exists(f) else None
+out = [f"\n{title}\n", "| attack | " + " | ".join(f"{c} ASR | {c} ACC" for c, _, _ in cols) + " |",
+       "|---|" + "---|" * (2 * len(cols))]
+table = {r: [get(r, m, k) for _, m, k in cols] for r in rows}
+fmt = lambda v: "-" if v is None else f"{v:.2f}"
+for r, cells in table.items():
+    out.append(f"| {os.path.basename(r)} | " + " | ".join(f"{fmt(c and c['asr'])} | {fmt(c and c['acc'])}" for c in cells) + " |")
+avg = []
+for j in range(len(cols)):
+    vals = [table[r][j] for r in rows if table[r][j] is not None]
+    avg.append({k: statistics.mean(v[k] for v in vals) for k in ("asr", "acc")} if len(vals) == len(rows) else None)
+out.append("| Average | " + " | ".join(f"{fmt(a and a['asr'])} | {fmt(a and a['acc'])}" for a in avg) + " |")
+dev = lambda a, k: "-" if a is None or avg[0] is None else f"{a[k] - avg[0][k]:+.2f}"
+out.append("| Deviation | - | - | " + " | ".join(f"{dev(a, 'asr')} | {dev(a, 'acc')}" for a in avg[1:]) + " |")
+print("\n".join(out))
 PY
 }
 
@@ -64,6 +114,65 @@ PY
     python3 ftt.py --model "$d/attacker/backdoored.pt" --arch wrn16-1 --clean-dir "$d/clean" \
       --unlabeled-dir "$d/unlabelled" --test-dir "$d/test" --attack badnets --sad-epochs 10 --sad-lr 0.05 \
       --ssl-epochs 2 --overwrite --out "$d/purified" "$@" ;;
+  quick)
+    # Table 1's layout offline on 2 CPU cores, under an hour: Fashion-MNIST (20,000 training images, 2,000 test),
+    # WRN-16-1, all six attacks; attacker 5 epochs; every defence 10 epochs at lr 0.05 on the same 5% clean subset
+    dir="$RUNS/quick"; CELLS=30
+    BASELINE_FLAGS=${BASELINE_FLAGS:-"--anp-iters 200"}
+    flags=(--dataset fashion-mnist --arch wrn16-1 --train-size 20000 --test-size 2000 --attack-epochs 5 --attack-lr 0.05
+           --no-attack-augment --reference-epochs 3 --sad-epochs 10 --sad-lr 0.05 --ssl-epochs 1 --quiet "$@")
+    for a in badnets trojan blended low-frequency wanet atteq-nn; do row "$dir/$a" --attack "$a" "${flags[@]}"; done
+    method_table "./reproduce.sh quick: Fashion-MNIST, WRN-16-1 (2 CPU cores)" "$dir"/{badnets,trojan,blended,low-frequency,wanet,atteq-nn} \
+      | tee "$dir/table.md" ;;
+  table1)
+    dir="$RUNS/table1"; CELLS=25
+    for a in badnets blended low-frequency atteq-nn wanet; do row "$dir/$a" --attack "$a" "$@"; done
+    method_table "Table 1: CIFAR-10, PreActResNet-18" "$dir"/{badnets,blended,low-frequency,atteq-nn,wanet} | tee "$dir/table.md" ;;
+  table2)
+    # WRN-16-1 / CIFAR-10 rows; on 2 CPU cores pass e.g. --train-size 20000 --attack-epochs 20 (see README)
+    dir="$RUNS/table2"; CELLS=20
+    for a in badnets trojan; do row "$dir/wrn16-1-$a" --dataset cifar10 --arch wrn16-1 --attack "$a" "$@"; done
+    if [ -z "${CPU_ONLY:-}" ]; then
+      for a in badnets trojan; do row "$dir/resnet50-$a" --dataset cifar100 --arch resnet50 --attack "$a" "$@"; done
+    fi
+    method_table "Table 2: WRN-16-1 on CIFAR-10, ResNet-50 on CIFAR-100" "$dir"/* | tee "$dir/table.md" ;;
+  table3)
+    dir="$RUNS/table3"; CELLS=16
+    for a in atteq-nn badnets blended low-frequency; do
+      for s in 0 0.25 0.5 0.75; do cell "$dir/$a/share-$s" ftt.py --attack "$a" --pool-poison-share "$s" "$@"; done
+    done
+    table "Table 3: poisoned share of the unlabelled pool (ASR/ACC after SAD+SSL are the last two)" "$dir"/*/share-*/results.json | tee "$dir/table.md" ;;
+  table4)
+    dir="$RUNS/table4"; CELLS=6
+    for a in badnets blended atteq-nn; do
+      cell "$dir/$a/full" ftt.py --attack "$a" "$@"   # its SAD column is "without SSL"
+      cell "$dir/$a/without-sad" ftt.py --attack "$a" --sad-epochs 0 --model "$dir/$a/full/backdoored.pt" "$@"
+    done
+    table "Table 4: ablation (full: SAD+SSL; without SSL: the SAD columns of full; without SAD: the SAD+SSL columns)" \
+      "$dir"/*/*/results.json | tee "$dir/table.md" ;;
+  fig5)
+    dir="$RUNS/fig5"; CELLS=125
+    for c in 0.005 0.01 0.02 0.05 0.1; do
+      for a in badnets blended low-frequency atteq-nn wanet; do row "$dir/clean-$c/$a" --attack "$a" --clean-ratio "$c" "$@"; done
+      method_table "Figure 5 data, clean share $c" "$dir/clean-$c"/* | tee "$dir/clean-$c.md"
+    done
+    python3 - "$dir" <<'PY'
+import sys
+try:
+    import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
+except ImportError:
+    sys.exit(print("matplotlib not installed: the tables above are the figure's data"))
+import glob, json, os, statistics
+d = sys.argv[1]; shares = [0.005, 0.01, 0.02, 0.05, 0.1]
+cols = [("FT", "ft", "after"), ("FP", "fp", "after"), ("NAD", "nad", "after"), ("ANP", "anp", "after"), ("FTT", "ftt", "ssl")]
+fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+for name, m, key in cols:
+    for ax, metric in zip(axes, ("asr", "acc")):
+        ys = [statistics.mean(json.load(open(f))["results"][key][metric] for f in glob.glob(f"{d}/clean-{c}/*/{m}/results.json")) for c in shares]
+        ax.plot([100 * c for c in shares], ys, marker="o", label=name); ax.set_xlabel("clean data %"); ax.set_ylabel(metric.upper())
+axes[0].legend(); fig.savefig(f"{d}/fig5.png", dpi=120); print(f"wrote {d}/fig5.png")
+PY
+    ;;
   *)
-    sed -n '2,9p' "$0"; exit 2 ;;
+    sed -n '2,17p' "$0"; exit 2 ;;
 esac

@@ -459,6 +459,7 @@ BAD = [  # (flags, text the one line must contain)
     (["--dataset", "cifar10", "--data-root", "/nonexistent/root"], "cifar-10-batches-py"),
     (FMNIST_QUICK + ["--clean-ratio", "0.95"], "--clean-ratio"),
     (FMNIST_QUICK + ["--target", "10"], "--target"),
+    (["--pool-poison-share", "0.9"], "--pool-poison-share"),
     (["--resume"], "--resume"),  # no checkpoint in --out
     (["--clean-dir", "DIR"], "--clean-dir"),  # without --model
     (["--model", "FILE", "--clean-dir", "/nonexistent/dir"], "--clean-dir"),
@@ -671,3 +672,14 @@ def test_bench_times_every_step_kind_and_writes_its_table_as_json(tmp_path):
     assert all(row["images_per_s"] > 0 and len(row["windows"]) == 2 for row in r["rows"].values())
     assert r["ratios"]["sad / plain@b"] == r["rows"]["sad"]["images_per_s"] / r["rows"]["plain@b"]["images_per_s"]
     assert r["flops_per_image_train_step"] > 0 and json.loads((tmp_path / "b.json").read_text())["arch"] == "wrn10-1"
+
+
+@given(st.sampled_from([0.0, 0.25, 0.5, 0.75]), seeds)
+def test_table3_pool_has_the_asked_poisoned_share_at_a_fixed_size(share, seed):
+    g = torch.Generator().manual_seed(seed)
+    poisoned = torch.randperm(400, generator=g)[:40]
+    pool = torch.tensor(sorted(set(range(400)) - set(range(0, 400, 10))))  # a pool holding some of the poisoned
+    pool = torch.cat([pool, poisoned]).unique()
+    got = ftt.pool_with_share(pool, poisoned, share, seed)
+    assert len(got) == int(40 / 0.75) and len(got.unique()) == len(got) and torch.isin(got, pool).all()
+    assert int(torch.isin(got, poisoned).sum()) == round(share * len(got))

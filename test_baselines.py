@@ -1,0 +1,121 @@
+"""The specification of baselines.py: NAD's distillation term, what FP and ANP prune, and each
+baseline run on the tiny backdoored model of test_ftt.py."""
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import baselines
+import ftt
+from conftest import needs_fashion
+from test_ftt import TINY
+
+shapes = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 5), st.integers(1, 5))
+seeds = st.integers(0, 2**31 - 1)
+
+
+def randn(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@given(shapes, seeds)
+def test_nad_term_is_zero_when_student_equals_teacher(shape, seed):
+    f = randn(shape, seed)
+    assert baselines.nad_loss(f, f.clone()) == 0
+
+
+@given(shapes, seeds, st.floats(0.1, 10))
+def test_nad_term_ignores_the_scale_of_either_feature_and_is_at_most_4_over_hw(shape, seed, c):
+    s, t = randn(shape, seed), randn(shape, seed + 1)
+    torch.testing.assert_close(baselines.nad_loss(c * s, t), baselines.nad_loss(s, t))
+    assert 0 <= baselines.nad_loss(s, t) <= 4 / (shape[2] * shape[3]) + 1e-9  # two unit vectors: |a - b|^2 <= 4
+
+
+def test_nad_term_trains_the_student_only():
+    s, t = torch.randn(2, 3, 4, 4, requires_grad=True), torch.randn(2, 3, 4, 4, requires_grad=True)
+    baselines.nad_loss(s, t).backward()
+    assert s.grad.abs().sum() > 0 and t.grad is None
+
+
+def synthetic(n=64, c=3, size=16, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (n, c, size, size), generator=g, dtype=torch.uint8),
+            torch.randint(0, classes, (n,), generator=g))
+
+
+QUIET = ftt.Config(arch="wrn10-1", sad_epochs=1, batch_size=16, quiet=True)
+no_eval = lambda m: (float("nan"), float("nan"))
+
+
+def test_fine_pruning_zeroes_exactly_the_channels_it_chose():
+    torch.manual_seed(0)
+    x, y = synthetic()
+    model = ftt.build_backbone("wrn10-1", 3, 4)
+    b = baselines.Baseline(method="fp", margin=100.0)  # any accuracy loss allowed: prunes deep
+    model, info = baselines.fine_prune(model, x, y, QUIET, b, torch.device("cpu"), no_eval)
+    assert 0 < len(info["pruned"]) < info["channels"]
+    model.eval()
+    with torch.no_grad():
+        _, feats = baselines.stage_features(model, ftt.to_input(x[:8]))
+    active = feats[-1].abs().amax((0, 2, 3)) > 0  # (C,)
+    assert sorted((~active).nonzero().flatten().tolist()) == info["pruned"]
+
+
+def test_fine_pruning_prunes_least_active_channels_first():
+    torch.manual_seed(0)
+    x, y = synthetic()
+    model = ftt.build_backbone("wrn10-1", 3, 4)
+    b = baselines.Baseline(method="fp", margin=100.0)
+    hold, rest = baselines.holdout_split(len(x), b.holdout, QUIET.seed, x.device)
+    act = baselines.mean_activation(model, x[rest], torch.device("cpu"), True)  # FP ranks on the non-held-out part
+    _, info = baselines.fine_prune(model, x, y, dataclasses.replace(QUIET, sad_epochs=0), b, torch.device("cpu"), no_eval)
+    kept = sorted(set(range(info["channels"])) - set(info["pruned"]))
+    assert kept and act[info["pruned"]].max() <= act[kept].min()
+
+
+def test_anp_masks_stay_in_0_1_and_pruning_is_baked_into_batchnorm():
+    torch.manual_seed(0)
+    x, y = synthetic()
+    model = ftt.build_backbone("wrn10-1", 3, 4)
+    b = baselines.Baseline(method="anp", anp_iters=5, anp_lr=50.0, anp_threshold=0.5)  # a huge lr: clipping must hold
+    model, info = baselines.anp(model, x, y, QUIET, b, torch.device("cpu"))
+    flat = torch.cat(info["masks"])
+    assert (flat >= 0).all() and (flat <= 1).all() and ((flat == 0) | (flat == 1)).any()
+    assert info["pruned"] == int((flat < 0.5).sum()) > 0
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    zeroed = sum(int(((bn.weight == 0) & (bn.bias == 0)).sum()) for bn in bns)
+    assert zeroed == info["pruned"]
+    assert not any(bn._forward_hooks for bn in bns)  # the perturbation hooks are gone
+
+
+# ------------------------------------------------------------------ each baseline on the tiny backdoored model
+
+@pytest.fixture(scope="module")
+def backdoored(tmp_path_factory):
+    needs_fashion()
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = ftt.Config(**{**TINY, "sad_epochs": 0}, out=str(root / "attack"), cache=str(root / "cache"))
+    before = ftt.main(cfg)["results"]["before"]
+    assert before["asr"] >= 80, before
+    return root, dataclasses.replace(cfg, model=str(root / "attack" / "backdoored.pt"), sad_epochs=TINY["sad_epochs"])
+
+
+@pytest.mark.parametrize("method", ["ft", "fp", "nad"])
+def test_ft_fp_and_nad_lower_the_asr_of_the_tiny_backdoor(method, backdoored):
+    # same bar as SAD in test_ftt.py: ASR <= 20 after. Measured (seed 0): FT 97.8 -> 4.1, FP -> 3.8, NAD -> 1.2
+    root, cfg = backdoored
+    r = baselines.run(dataclasses.replace(cfg, out=str(root / method)), baselines.Baseline(method=method))["results"]
+    assert r["after"]["asr"] <= 20, r
+    assert r["after"]["acc"] >= r["before"]["acc"] - 20, r
+
+
+def test_anp_keeps_accuracy_but_does_not_remove_the_tiny_backdoor(backdoored):
+    # What this shows: ANP's masks, pruned only as deep as held-out clean ACC allows (5 points), cost
+    # little accuracy, but on this 3-stage WRN-10-1 they leave the backdoor in (measured 97.8 -> 97.0 with
+    # 200 steps). A negative result we keep visible; it may differ on the paper's PreActResNet-18.
+    root, cfg = backdoored
+    r = baselines.run(dataclasses.replace(cfg, out=str(root / "anp")), baselines.Baseline(method="anp", anp_iters=100))
+    assert r["results"]["after"]["acc"] >= r["results"]["before"]["acc"] - 10, r["results"]
+    assert r["results"]["after"]["asr"] <= r["results"]["before"]["asr"] + 1, r["results"]
+    assert 0 <= r["info"]["pruned_neurons"] < r["info"]["neurons"]
