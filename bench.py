@@ -48,7 +48,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--compile", action="store_true", help="torch.compile the model of every row")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per row (more with --compile)")
     ap.add_argument("--windows", type=int, default=5, help="timed windows per row; the median is reported")
-    ap.add_argument("--steps", type=int, default=4, help="steps per timed window")
+    ap.add_argument("--steps", type=int, default=10, help="steps per timed window")
     ap.add_argument("--pool", type=int, default=4096, help="images in the synthetic uint8 dataset on the device")
     ap.add_argument("--json", default="", help="where the JSON goes (default: runs/bench-<device>-<arch>.json)")
     return ap.parse_args(argv)

@@ -6,6 +6,7 @@
 #   attacks-cifar10  the same on CIFAR-10, read from DATA_ROOT/cifar-10-batches-py
 #   handed    purify a model you were handed on your own image folders (README walk-through; made here)
 #   quick     Table 1's layout offline on 2 CPU cores: Fashion-MNIST, WRN-16-1, six attacks x seven columns
+#   quick-ablation  stage 2 without stage 1, with and without the AP terms, on quick's backdoored models
 #   table1    Table 1: CIFAR-10, PreActResNet-18, five attacks, Before / FT / FP / NAD / ANP / FTT (GPU)
 #   table2    Table 2: WRN-16-1 on CIFAR-10 (BadNets, Trojan; CPU-able with --train-size) and ResNet-50 on CIFAR-100 (GPU)
 #   table3    Table 3: poisoned share 0 / 25 / 50 / 75% of the unlabelled pool (GPU)
@@ -124,6 +125,16 @@ PY
     for a in badnets trojan blended low-frequency wanet atteq-nn; do row "$dir/$a" --attack "$a" "${flags[@]}"; done
     method_table "./reproduce.sh quick: Fashion-MNIST, WRN-16-1 (2 CPU cores)" "$dir"/{badnets,trojan,blended,low-frequency,wanet,atteq-nn} \
       | tee "$dir/table.md" ;;
+  quick-ablation)
+    # Table 4's question on quick's backdoored models (run quick first): stage 2 alone, with and without the AP terms
+    dir="$RUNS/quick-ablation"; CELLS=4
+    flags=(--dataset fashion-mnist --arch wrn16-1 --train-size 20000 --test-size 2000 --reference-epochs 3
+           --sad-epochs 0 --sad-lr 0.05 --ssl-epochs 1 --quiet "$@")
+    for a in badnets blended; do
+      cell "$dir/$a-without-stage1" ftt.py --attack "$a" --model "$RUNS/quick/$a/ftt/backdoored.pt" "${flags[@]}"
+      cell "$dir/$a-without-sad" ftt.py --attack "$a" --beta 0 --model "$RUNS/quick/$a/ftt/backdoored.pt" "${flags[@]}"
+    done
+    table "Ablation on quick's models: stage 2 only (the SAD+SSL columns)" "$dir"/*/results.json | tee "$dir/table.md" ;;
   table1)
     dir="$RUNS/table1"; CELLS=25
     for a in badnets blended low-frequency atteq-nn wanet; do row "$dir/$a" --attack "$a" "$@"; done
@@ -143,12 +154,14 @@ PY
     done
     table "Table 3: poisoned share of the unlabelled pool (ASR/ACC after SAD+SSL are the last two)" "$dir"/*/share-*/results.json | tee "$dir/table.md" ;;
   table4)
-    dir="$RUNS/table4"; CELLS=6
+    dir="$RUNS/table4"; CELLS=9
     for a in badnets blended atteq-nn; do
       cell "$dir/$a/full" ftt.py --attack "$a" "$@"   # its SAD column is "without SSL"
-      cell "$dir/$a/without-sad" ftt.py --attack "$a" --sad-epochs 0 --model "$dir/$a/full/backdoored.pt" "$@"
+      cell "$dir/$a/without-stage1" ftt.py --attack "$a" --sad-epochs 0 --model "$dir/$a/full/backdoored.pt" "$@"
+      cell "$dir/$a/without-sad" ftt.py --attack "$a" --sad-epochs 0 --beta 0 --model "$dir/$a/full/backdoored.pt" "$@"
     done
-    table "Table 4: ablation (full: SAD+SSL; without SSL: the SAD columns of full; without SAD: the SAD+SSL columns)" \
+    table "Table 4: ablation (full: SAD+SSL; without SSL: the SAD columns of full; without-stage1 (no stage 1, eq. 7
+whole in stage 2) and without-sad (no stage 1 and beta 0: no attention distillation at all): the SAD+SSL columns)" \
       "$dir"/*/*/results.json | tee "$dir/table.md" ;;
   fig5)
     dir="$RUNS/fig5"; CELLS=125
@@ -174,5 +187,5 @@ axes[0].legend(); fig.savefig(f"{d}/fig5.png", dpi=120); print(f"wrote {d}/fig5.
 PY
     ;;
   *)
-    sed -n '2,17p' "$0"; exit 2 ;;
+    sed -n '2,16p' "$0"; exit 2 ;;
 esac
