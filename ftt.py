@@ -1116,20 +1116,22 @@ def main(cfg: Config) -> dict:
     evaluate = lambda m: (accuracy(m, x_te, y_te, device, cfg.channels_last),
                           accuracy(m, x_bd, y_bd, device, cfg.channels_last))
 
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite and not cfg.resume:  # a fresh run: nothing of the old one may be resumed or mistaken for ours
-        for name in ("results.json", "checkpoint.pt"):
-            (out / name).unlink(missing_ok=True)
     results = {}
     ckpt = Checkpoint(out / "checkpoint.pt", cfg, results)
     torch.manual_seed(cfg.seed)  # training starts from the seed, whatever fitting the trigger consumed
     model = build_backbone(cfg.arch, shape[0], k).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.model:
+        load_backbone(cfg.model, model, cfg.arch)  # a mismatch ends here, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite and not cfg.resume:  # a fresh run: nothing of the old one may be resumed or mistaken for ours
+        for name in ("results.json", "checkpoint.pt"):
+            (out / name).unlink(missing_ok=True)
     t = time.time()
     if cfg.model:
-        load_backbone(cfg.model, model, cfg.arch)
-    elif ckpt.done("attack"):
+        pass  # loaded above
+    elif ckpt.done("attack"):  # resuming after the attacker's training finished
         model.load_state_dict(torch.load(out / "backdoored.pt", map_location=device, weights_only=True))
     else:
         x_p, y_p = d["x_poisoned"].to(device), d["y_poisoned"].to(device)

@@ -659,6 +659,7 @@ def test_bad_own_data_ends_in_one_line_naming_the_problem(problem, tmp_path, cap
     want = {"mixed sizes": "odd.png", "unknown test class": "['7']", "wrong class count": "head",
             "no images": "no images"}[problem]
     assert code == 2 and len(err.splitlines()) == 1 and want in err, err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
 # ------------------------------------------------------------------ bench.py: every row, ratios, JSON
