@@ -72,8 +72,8 @@ def blended(x: Tensor, pattern: Tensor, alpha: float = 0.2) -> Tensor:
 
 
 def trojan(x: Tensor, mask: Tensor, pattern: Tensor) -> Tensor:
-    """Trojan (Liu et al. 2018): the fitted pattern (C, H, W) in [-1, 1] is added inside the
-    mask (1, H, W) in {0, 1}, then clipped to the image range."""
+    """Trojan (Liu et al. 2018): the fitted pattern (C, H, W) is added inside the mask (1, H, W)
+    in {0, 1}, then clipped to the image range. fit_trojan makes patterns in [0, 1]."""
     return like(to_float(x) + mask.to(x.device) * pattern.to(x.device), x)
 
 
@@ -168,20 +168,22 @@ def top_neurons(fc_weight: Tensor, k: int = 1) -> Tensor:
 
 def fit_trojan(features_fn: Callable[[Tensor], Tensor], neurons: Tensor, images: Tensor, mask: Tensor,
                steps: int = 200, lr: float = 0.1, batch: int = 128, seed: int = 0) -> Tensor:
-    """Trojan pattern (C, H, W) in [-1, 1]: gradient ascent on the mean activation of the chosen
-    penultimate neurons (features_fn: (N, C, H, W) float -> (N, D)) for images carrying it."""
+    """Trojan pattern (C, H, W) in [0, 1]: gradient ascent on the mean activation of the chosen
+    penultimate neurons (features_fn: (N, C, H, W) float -> (N, D)) for images carrying it.
+    Non-negative (a sigmoid, not a tanh): added to a dark corner, a negative value is clipped away and
+    gets no gradient; with [-1, 1] the Fashion-MNIST trigger faded to 33 dB and implanted only 28-30%."""
     g = torch.Generator().manual_seed(seed)
     dev = images.device
     w = (torch.randn(images.shape[1:], generator=g) * 0.1).to(dev).requires_grad_(True)
     opt = torch.optim.Adam([w], lr=lr)
     for _ in range(steps):
         idx = torch.randint(len(images), (batch,), generator=g).to(dev)
-        x = trojan(to_float(images[idx]), mask.to(dev), torch.tanh(w))
+        x = trojan(to_float(images[idx]), mask.to(dev), torch.sigmoid(w))
         loss = -features_fn(x)[:, neurons.to(dev)].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return torch.tanh(w).detach().cpu()
+    return torch.sigmoid(w).detach().cpu()
 
 
 def square_mask(h: int, w: int, size: int) -> Tensor:

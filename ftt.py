@@ -989,6 +989,7 @@ def make_trigger(cfg: Config, x: Tensor, y: Tensor, num_classes: int, device: to
     feats = lambda im: penultimate(ref, im)
     stem = Path(cfg.cache) / f"trigger_{a}_{cfg.dataset}_{cfg.arch}_s{cfg.seed}"
     if a == "trojan":
+        how["pattern_range"] = [0, 1]  # caches of the earlier [-1, 1] patterns no longer match
         mask = attacks.square_mask(h, w, max(3, h // 6))
         t = attacks.cached_fit(stem, how, lambda: {"mask": mask, "pattern": attacks.fit_trojan(
             feats, attacks.top_neurons(ref.head[-1].weight), fit_x, mask, seed=cfg.seed)})
