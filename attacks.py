@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
 
 Tensor = torch.Tensor
 Trigger = Callable[[Tensor], Tensor]
@@ -121,13 +122,9 @@ def atteq(x: Tensor, mask: Tensor, pattern: Tensor, opacity: float = 0.5) -> Ten
 # Fitting the triggers that need a clean reference model
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian low-pass filter on (N, C, H, W), reflect padding; radius 3 sigma."""
-    r = max(1, math.ceil(3 * sigma))
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) ** 2 / (2 * sigma**2))
-    k = k / k.sum()
-    c = x.shape[1]
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    """Gaussian low-pass filter on (N, C, H, W): torchvision's (reflect padding), radius 3 sigma."""
+    size = 2 * max(1, math.ceil(3 * sigma)) + 1
+    return TF.gaussian_blur(x, [size, size], [sigma, sigma])
 
 
 def low_frequency_share(delta: Tensor, cutoff: float = 0.25) -> float:

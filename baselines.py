@@ -73,9 +73,7 @@ def mean_activation(model: nn.Module, x: Tensor, device: torch.device, channels_
     model.eval()
     total = 0
     for i in range(0, len(x), 256):
-        h = model.stem(ftt.to_input(x[i:i + 256].to(device), channels_last))
-        for stage in model.stages:
-            h = stage(h)
+        h = ftt.stage_outputs(model, ftt.to_input(x[i:i + 256].to(device), channels_last))[-1]
         total = total + h.float().mean((2, 3)).sum(0)
     return total / len(x)
 
@@ -119,11 +117,9 @@ def nad_loss(f_student: Tensor, f_teacher: Tensor, p: float = 2.0) -> Tensor:
 
 
 def stage_features(model: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-    h, feats = model.stem(x), []
-    for stage in model.stages:
-        h = stage(h)
-        feats.append(h)
-    return model.head(h), feats
+    """(logits, every stage's output) in one forward pass."""
+    feats = ftt.stage_outputs(model, x)
+    return model.head(feats[-1]), feats
 
 
 def nad(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, device: torch.device,
@@ -229,9 +225,9 @@ def anp(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, de
     masks = [m.detach().clone() for m in pert.masks]
     pert.perturb = False
     flat = torch.cat(masks)
-    total, sizes = len(flat), [len(m) for m in masks]
+    total, sizes, order = len(flat), [len(m) for m in masks], flat.argsort()  # smallest masks first
     offs = lambda k: list((torch.zeros(total, dtype=torch.bool, device=flat.device)
-                           .index_fill_(0, flat.argsort()[:k], True)).split(sizes))
+                           .index_fill_(0, order[:k], True)).split(sizes))
     if b.anp_threshold:  # ANP's own rule: every neuron whose mask fell below the threshold
         k = int((flat < b.anp_threshold).sum())
     else:  # the smallest masks first, as deep as the held-out clean images allow (ANP's pruning by number)

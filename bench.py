@@ -98,16 +98,16 @@ def bench(args: argparse.Namespace) -> dict:
             m.compile()  # in place: the module keeps its attributes
         return m, opt, sched
 
-    def plain_step(n: int, batch=None):
+    def plain_step(n: int, pipeline: bool = False):
         m, opt, sched = model(False)
         fixed = ftt.random_crop_flip(pool_x[:n]), pool_y[:n]
 
         def step():
-            if batch is None:  # in memory
-                xb, yb = fixed
-            else:  # the real pipeline: gather from the uint8 pool, crop and flip
+            if pipeline:  # the real pipeline: gather from the uint8 pool, crop and flip
                 idx = draw(n)
                 xb, yb = ftt.random_crop_flip(pool_x[idx]), pool_y[idx]
+            else:  # in memory
+                xb, yb = fixed
             loss = ftt.supervised_forward(m, xb, yb, cfg, device)
             ftt.check_finite(loss, "bench", 0, 0)
             ftt.descend(opt, sched, loss)
@@ -146,7 +146,7 @@ def bench(args: argparse.Namespace) -> dict:
     timing = lambda step, n: rate(step, n, device, warm, args.windows, args.steps)
     rows = {}
     specs = [("plain@b", lambda: plain_step(b), b), ("plain@b(1+mu)", lambda: plain_step(b + bu), b + bu),
-             ("plain@b(1+mu), pipeline", lambda: plain_step(b + bu, "pipeline"), b + bu),
+             ("plain@b(1+mu), pipeline", lambda: plain_step(b + bu, pipeline=True), b + bu),
              ("sad", sad_step, b), ("ssl, pipeline", lambda: ssl_step(True), bu), ("ssl, in memory", lambda: ssl_step(False), bu)]
     for name, make, n in specs:
         if device.type == "cuda":

@@ -457,12 +457,18 @@ def build_backbone(arch: str, in_channels: int, num_classes: int) -> nn.Module:
     raise ValueError(f"--arch: unknown backbone {arch!r}; choose from {', '.join(ARCHS)}")
 
 
-def penultimate(backbone: nn.Module, x: Tensor) -> Tensor:
-    """Pooled feature fed to the final nn.Linear: (B, C, H, W) -> (B, D)."""
-    h = backbone.stem(x)
+def stage_outputs(backbone: nn.Module, x: Tensor) -> list[Tensor]:
+    """The output of every stage, shallow to deep; the last is F_D, what the head reads."""
+    h, feats = backbone.stem(x), []
     for stage in backbone.stages:
         h = stage(h)
-    return backbone.head[:-1](h)
+        feats.append(h)
+    return feats
+
+
+def penultimate(backbone: nn.Module, x: Tensor) -> Tensor:
+    """Pooled feature fed to the final nn.Linear: (B, C, H, W) -> (B, D)."""
+    return backbone.head[:-1](stage_outputs(backbone, x)[-1])
 
 
 # ================================================================================================
@@ -521,10 +527,7 @@ class Branched(nn.Module):
     def forward(self, x: Tensor):
         if not self.training:
             return self.backbone(x)
-        h, feats = self.backbone.stem(x), []
-        for stage in self.backbone.stages:
-            h = stage(h)
-            feats.append(h)
+        feats = stage_outputs(self.backbone, x)
         outs = [branch(f) for branch, f in zip(self.exits, feats[:-1])]
         logits = [o[0] for o in outs] + [self.backbone.head(feats[-1])]
         return logits, [o[1] for o in outs] + [feats[-1]]
@@ -748,6 +751,13 @@ def save_atomic(obj, path: Path) -> None:
     """torch.save to a temporary file, then rename: a kill leaves the old file or the new, never half."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_atomic_text(text: str, path: Path) -> None:
+    """The same for a text file (results.json)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -1181,11 +1191,6 @@ def main(cfg: Config) -> dict:
     print(f"\nwrote {out / 'purified.pt'} and {out / 'results.json'} ({timings['total_s'] / 60:.1f} min)")
     return report
 
-
-def save_atomic_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 # ================================================================================================
 # CLI: flags are the Config fields
