@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -68,6 +69,8 @@ class Config:
     attack_batch: int = field(default=128, metadata={"help": "batch of backdoored training"})
     attack_augment: bool = field(default=True, metadata={"help": "crop + flip while backdooring (the attacker's choice)"})
     reference_epochs: int = field(default=10, metadata={"help": "epochs of the clean reference model (Trojan, Low-Frequency, ATTEQ-NN)"})
+    reference_model: str = field(default="", metadata={"help": "a clean --arch state_dict to fit Trojan / Low-Frequency / "
+                                                               "ATTEQ-NN on, instead of training one"})
     # stage 1: SAD. Fine-tuning scale: NAD fine-tunes 20 epochs at lr 0.01 on 5% of CIFAR-10.
     sad_epochs: int = field(default=20, metadata={"help": "stage 1 epochs over the clean subset"})
     sad_lr: float = field(default=0.01, metadata={"help": "stage 1 SGD lr (cosine to 0)"})
@@ -164,8 +167,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} must be > 0")
     if cfg.target < 0:
         raise ConfigError(f"--target: {cfg.target} must be a class index >= 0")
-    if cfg.model and not Path(cfg.model).is_file():
-        raise ConfigError(f"--model: {cfg.model} is not a readable file")
+    for name in ("model", "reference_model"):
+        path = getattr(cfg, name)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"--{name.replace('_', '-')}: {path} is not a readable file")
+    if cfg.reference_model and cfg.attack not in attacks.FITTED:
+        raise ConfigError(f"--reference-model: {cfg.attack} uses no reference model; only "
+                          f"{', '.join(attacks.FITTED)} are fitted on one")
     for name in ("clean_dir", "unlabeled_dir", "test_dir"):
         path = getattr(cfg, name)
         if path and not Path(path).is_dir():
@@ -195,24 +203,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--out: {out} cannot be written ({probe} is not a writable folder)")
 
 
-def load_backbone(path: str | Path, model: nn.Module, arch: str) -> nn.Module:
+def load_backbone(path: str | Path, model: nn.Module, arch: str, flag: str = "--model") -> nn.Module:
     """Load a plain state_dict into `model`, never running code: torch.load(weights_only=True)
-    refuses pickled objects. Any mismatch with `model` becomes one ConfigError line."""
+    refuses pickled objects. Any mismatch with `model` becomes one ConfigError line naming `flag`."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for code, others for a corrupt file
-        raise ConfigError(f"--model: {path} is not a plain tensor state_dict ({type(e).__name__}); "
+        raise ConfigError(f"{flag}: {path} is not a plain tensor state_dict ({type(e).__name__}); "
                           f"refused without running anything in it") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ConfigError(f"--model: {path} holds a {type(state).__name__}, not a state_dict of tensors")
+        raise ConfigError(f"{flag}: {path} holds a {type(state).__name__}, not a state_dict of tensors")
     want = model.state_dict()
     missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
     if missing or extra:
-        raise ConfigError(f"--model: not a --arch {arch} state_dict ({len(missing)} keys missing, e.g. "
+        raise ConfigError(f"{flag}: not a --arch {arch} state_dict ({len(missing)} keys missing, e.g. "
                           f"{missing[:1]}, {len(extra)} unexpected, e.g. {extra[:1]})")
     for k, v in want.items():
         if state[k].shape != v.shape:
-            raise ConfigError(f"--model: {k} has shape {tuple(state[k].shape)}, --arch {arch} here expects "
+            raise ConfigError(f"{flag}: {k} has shape {tuple(state[k].shape)}, --arch {arch} here expects "
                               f"{tuple(v.shape)} (check --dataset: input channels and class count)")
     model.load_state_dict(state)
     return model
@@ -962,9 +970,12 @@ def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config
 # Triggers for a run: fitted ones need a clean reference model, trained here and cached
 # ================================================================================================
 
-def reference_model(cfg: Config, x: Tensor, y: Tensor, num_classes: int, device: torch.device) -> nn.Module:
-    """A clean model of cfg.arch trained cfg.reference_epochs on the clean training set, cached."""
+def clean_reference(cfg: Config, x: Tensor, y: Tensor, num_classes: int, device: torch.device) -> nn.Module:
+    """The attacker's clean model of cfg.arch: --reference-model when given, else trained
+    cfg.reference_epochs on the clean training set and cached."""
     model = build_backbone(cfg.arch, x.shape[1], num_classes).to(device)
+    if cfg.reference_model:
+        return load_backbone(cfg.reference_model, model, cfg.arch, "--reference-model").eval().requires_grad_(False)
     x, y = x.to(device), y.to(device)
     path = Path(cfg.cache) / f"reference_{cfg.dataset}_{cfg.arch}_e{cfg.reference_epochs}_n{len(x)}_s{cfg.seed}.pt"
     if path.exists():
@@ -992,10 +1003,12 @@ def make_trigger(cfg: Config, x: Tensor, y: Tensor, num_classes: int, device: to
         return (lambda im: attacks.wanet(im, grid)), (lambda im, g: attacks.wanet_noise(im, grid, g)), \
             {"k": 4, "s": 0.5, "cross_ratio": 2}
     # fitted triggers: a clean reference model of the same arch (the attacker has clean data)
-    ref = reference_model(cfg, x, y, num_classes, device)
+    ref = clean_reference(cfg, x, y, num_classes, device)
     fit_x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:5000]].to(device)
-    how = {"attack": a, "dataset": cfg.dataset, "arch": cfg.arch, "reference_epochs": cfg.reference_epochs,
-           "n": len(x), "seed": cfg.seed, "target": cfg.target}
+    made_by = ({"reference_sha256": hashlib.sha256(Path(cfg.reference_model).read_bytes()).hexdigest()}
+               if cfg.reference_model else {"reference_epochs": cfg.reference_epochs})
+    how = {"attack": a, "dataset": cfg.dataset, "arch": cfg.arch, **made_by, "n": len(x), "seed": cfg.seed,
+           "target": cfg.target}
     feats = lambda im: penultimate(ref, im)
     stem = Path(cfg.cache) / f"trigger_{a}_{cfg.dataset}_{cfg.arch}_s{cfg.seed}"
     if a == "trojan":

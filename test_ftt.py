@@ -2,6 +2,7 @@
 augmentations and readers, and one tiny end-to-end run in which SAD removes a real backdoor."""
 import dataclasses
 import gzip
+import hashlib
 import json
 import math
 import pickle
@@ -466,6 +467,8 @@ BAD = [  # (flags, text the one line must contain)
     (["--model", "FILE", "--unlabeled-dir", "DIR"], "--unlabeled-dir"),  # without --clean-dir
     (["--model", "FILE", "--clean-dir", "DIR", "--attack", "trojan"], "--attack"),
     (["--attack", "none"], "--attack"),  # only with --clean-dir
+    (["--attack", "trojan", "--reference-model", "/nonexistent/ref.pt"], "--reference-model"),
+    (["--attack", "badnets", "--reference-model", "FILE"], "--reference-model"),  # badnets fits nothing
 ]
 
 
@@ -518,6 +521,25 @@ def test_wrong_arch_or_class_count_names_the_mismatch(tmp_path):
         ftt.load_backbone(tmp_path / "m.pt", ftt.build_backbone("wrn16-1", 3, 100), "wrn16-1")
     with pytest.raises(ftt.ConfigError, match="stem.weight"):
         ftt.load_backbone(tmp_path / "m.pt", ftt.build_backbone("wrn16-1", 1, 10), "wrn16-1")
+
+
+def test_a_given_reference_model_is_loaded_as_is_and_named_in_the_trigger_recipe(tmp_path):
+    x = torch.randint(0, 256, (300, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(300) % 10
+    ref = ftt.build_backbone("wrn10-1", 1, 10)
+    torch.save(ref.state_dict(), tmp_path / "ref.pt")
+    cfg = ftt.Config(dataset="fashion-mnist", arch="wrn10-1", attack="low-frequency",
+                     reference_model=str(tmp_path / "ref.pt"), cache=str(tmp_path / "cache"))
+    loaded = ftt.clean_reference(cfg, x, y, 10, torch.device("cpu"))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ref.state_dict().items())
+    assert not (tmp_path / "cache").exists()  # nothing was trained or cached
+    *_, how = ftt.make_trigger(cfg, x, y, 10, torch.device("cpu"))
+    assert how["reference_sha256"] == hashlib.sha256((tmp_path / "ref.pt").read_bytes()).hexdigest()
+    assert "reference_epochs" not in how
+    torch.save(ftt.build_backbone("wrn10-1", 1, 5).state_dict(), tmp_path / "five.pt")
+    with pytest.raises(ftt.ConfigError, match=r"--reference-model: head.4.weight has shape \(5, 64\)"):
+        ftt.clean_reference(dataclasses.replace(cfg, reference_model=str(tmp_path / "five.pt")), x, y, 10,
+                            torch.device("cpu"))
 
 
 # ------------------------------------------------------------------ runs that survive: checkpoints, resume, non-finite loss
