@@ -38,7 +38,7 @@ import json, os, sys
 d = sys.argv[1]
 sets = [s for s in ("fashion-mnist", "cifar10") if os.path.isdir(os.path.join(d, s))]
 rows = ("badnets", "trojan", "blended", "low-frequency", "wanet", "atteq-nn")
-print(f"\nBackdoored models (./reproduce.sh attacks): the attacker's model before any defence\n")
+print("\nBackdoored models (./reproduce.sh attacks): the attacker's model before any defence\n")
 print("| attack | " + " | ".join(f"{s} ACC | {s} ASR | {s} PSNR dB | {s} min" for s in sets) + " |")
 print("|---|" + "---|---|---|---|" * len(sets))
 for a in rows:
