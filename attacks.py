@@ -158,9 +158,23 @@ def fit_low_frequency(logits_fn: Callable[[Tensor], Tensor], images: Tensor, tar
 
 
 def top_neurons(fc_weight: Tensor, k: int = 1) -> Tensor:
-    """TrojanNN's choice: the penultimate neurons with the largest outgoing weights
+    """TrojanNN's candidates: the penultimate neurons with the largest outgoing weights
     (L1 norm of their columns in the final layer's weight (classes, D)). Returns (k,) indices."""
     return fc_weight.abs().sum(0).topk(k).indices
+
+
+def trojan_neuron(features_fn: Callable[[Tensor], Tensor], fc_weight: Tensor, images: Tensor, mask: Tensor,
+                  candidates: int = 10) -> Tensor:
+    """Of the `candidates` neurons with the largest outgoing weights, the one tied most to the trigger
+    region (TrojanNN selects by connection to the mask): the largest rise in mean activation when the
+    mask is painted white. Returns (1,) index. The pattern is added, so it can only brighten; a neuron
+    that prefers a dark corner would fit a pattern near 0, an invisible trigger (at seed 1 of the
+    implant test the plain top-1 neuron gave a 31.9 dB pattern and 12% ASR)."""
+    cand = top_neurons(fc_weight, min(candidates, fc_weight.shape[1]))
+    x = to_float(images)
+    with torch.no_grad():
+        gain = features_fn(trojan(x, mask, torch.ones_like(x[0])))[:, cand].mean(0) - features_fn(x)[:, cand].mean(0)
+    return cand[gain.argmax()].reshape(1)
 
 
 def fit_trojan(features_fn: Callable[[Tensor], Tensor], neurons: Tensor, images: Tensor, mask: Tensor,

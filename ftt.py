@@ -1013,9 +1013,12 @@ def make_trigger(cfg: Config, x: Tensor, y: Tensor, num_classes: int, device: to
     stem = Path(cfg.cache) / f"trigger_{a}_{cfg.dataset}_{cfg.arch}_s{cfg.seed}"
     if a == "trojan":
         how["pattern_range"] = [0, 1]  # caches of the earlier [-1, 1] patterns no longer match
+        how["neuron"] = "of the top 10 by outgoing weight, the one a white mask raises most"
         mask = attacks.square_mask(h, w, max(3, h // 6))
-        t = attacks.cached_fit(stem, how, lambda: {"mask": mask, "pattern": attacks.fit_trojan(
-            feats, attacks.top_neurons(ref.head[-1].weight), fit_x, mask, seed=cfg.seed)})
+        def fit():
+            neuron = attacks.trojan_neuron(feats, ref.head[-1].weight, fit_x[:1000], mask)
+            return {"mask": mask, "neuron": neuron, "pattern": attacks.fit_trojan(feats, neuron, fit_x, mask, seed=cfg.seed)}
+        t = attacks.cached_fit(stem, how, fit)
         return (lambda im: attacks.trojan(im, t["mask"], t["pattern"])), None, how
     if a == "low-frequency":
         t = attacks.cached_fit(stem, how, lambda: {"delta": attacks.fit_low_frequency(
