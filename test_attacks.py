@@ -268,7 +268,8 @@ IMPLANT_MORE = {"wanet": dict(train_size=20000, attack_epochs=5), "atteq-nn": di
 
 @pytest.fixture(scope="module")
 def reference_cache(tmp_path_factory):
-    """One cache for the module: the three fitted attacks share one reference model."""
+    """One cache for the module: Trojan and Low-Frequency share one reference model (ATTEQ-NN trains
+    its own on its 10,000 images)."""
     return tmp_path_factory.mktemp("cache")
 
 
