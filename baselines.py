@@ -184,14 +184,25 @@ class NeuronPerturbation:
             h.remove()
 
 
+def prune_bn_scale(bns: list[nn.BatchNorm2d], weights: list[Tensor], off: list[Tensor]) -> None:
+    """ANP's pruning: the BatchNorm scale (weight) of every pruned neuron set to 0, its bias kept (ANP's
+    prune_neuron zeroes the weight only). weights: the unpruned scales, so any depth can be set again."""
+    with torch.no_grad():
+        for bn, w, o in zip(bns, weights, off):
+            bn.weight.copy_(w.masked_fill(o, 0))
+
+
 def anp(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, device: torch.device) -> tuple[nn.Module, dict]:
     """Learn a mask per BatchNorm neuron that keeps clean accuracy under adversarial neuron perturbation:
     each step one signed-gradient ascent step on (delta, xi) within eps, then one SGD step on the masks of
     alpha L(clean) + (1 - alpha) L(perturbed), masks clipped to [0, 1]. Then the neurons with the smallest
-    masks are pruned (BatchNorm weight and bias set to 0, so the plain model carries the pruning): below
-    b.anp_threshold, or with 0 as many as the held-out part of the clean subset allows.
-    BatchNorm stays in eval mode (running statistics) throughout."""
-    model.eval().requires_grad_(False)
+    masks are pruned by prune_bn_scale: below b.anp_threshold, or with 0 as many as the held-out part of
+    the clean subset allows. The depth search and the final model use the same operation, so the held-out
+    accuracy that chose the depth is the pruned model's (info["held_out_acc"]).
+    As in ANP's code, the masks are learned with BatchNorm in train mode (batch statistics); the running
+    statistics are restored afterwards, as ANP prunes the original checkpoint."""
+    model.requires_grad_(False).train()
+    running = [t.clone() for t in model.buffers()]
     hold, rest = holdout_split(len(x), b.holdout, cfg.seed, x.device)
     x_hold, y_hold, x, y = x[hold], y[hold], x[rest], y[rest]
     pert = NeuronPerturbation(model, b.anp_eps)
@@ -222,31 +233,34 @@ def anp(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, de
             m.data.clamp_(0, 1)
         if (it + 1) % max(1, b.anp_iters // 5) == 0 and not cfg.quiet:
             print(f"   anp step {it + 1}/{b.anp_iters} | nat {loss_nat.item():.3f} rob {loss_rob.item():.3f}", flush=True)
+    pert.remove()
+    with torch.no_grad():
+        for t, saved in zip(model.buffers(), running):
+            t.copy_(saved)
+    model.eval()
     masks = [m.detach().clone() for m in pert.masks]
-    pert.perturb = False
+    scales = [bn.weight.detach().clone() for bn in pert.bns]
     flat = torch.cat(masks)
     total, sizes, order = len(flat), [len(m) for m in masks], flat.argsort()  # smallest masks first
     offs = lambda k: list((torch.zeros(total, dtype=torch.bool, device=flat.device)
                            .index_fill_(0, order[:k], True)).split(sizes))
+
+    def held_out_acc(k: int) -> float:
+        prune_bn_scale(pert.bns, scales, offs(k))
+        return ftt.accuracy(model, x_hold, y_hold, device, cfg.channels_last)
+    base = held_out_acc(0)
     if b.anp_threshold:  # ANP's own rule: every neuron whose mask fell below the threshold
         k = int((flat < b.anp_threshold).sum())
     else:  # the smallest masks first, as deep as the held-out clean images allow (ANP's pruning by number)
-        def held_out_acc(k: int) -> float:
-            for p, off in zip(pert.masks, offs(k)):
-                p.data = (~off).float()
-            return ftt.accuracy(model, x_hold, y_hold, device, cfg.channels_last)
-        base, k, step = held_out_acc(0), 0, max(1, total // 64)
+        k, step = 0, max(1, total // 64)
         for n in range(step, total, step):
             if held_out_acc(n) < base - b.margin:
                 break
             k = n
-    pert.remove()
-    with torch.no_grad():  # bake the pruning into the plain model
-        for bn, off in zip(pert.bns, offs(k)):
-            bn.weight[off] = 0
-            bn.bias[off] = 0
-    print(f"anp: pruned {k} of {total} BatchNorm neurons (smallest masks)", flush=True)
-    return model.requires_grad_(True), {"masks": masks, "pruned": k, "neurons": total}
+    acc_k = held_out_acc(k)  # leaves the model pruned at depth k
+    print(f"anp: pruned {k} of {total} BatchNorm neurons (smallest masks; held-out clean ACC {acc_k:.2f})", flush=True)
+    return model.requires_grad_(True), {"masks": masks, "pruned": k, "neurons": total, "held_out_acc": acc_k,
+                                        "held_out_acc_unpruned": base, "held_out": hold}
 
 
 # ------------------------------------------------------------------ one cell: a method on one backdoored model
@@ -281,7 +295,8 @@ def run(cfg: ftt.Config, b: Baseline) -> dict:
         nad(model, x_l, y_l, cfg, b, device, evaluate)
     else:
         model, info = anp(model, x_l, y_l, cfg, b, device)
-        info = {"pruned_neurons": info["pruned"], "neurons": info["neurons"]}
+        info = {"pruned_neurons": info["pruned"], "neurons": info["neurons"], "held_out_acc": info["held_out_acc"],
+                "held_out_acc_unpruned": info["held_out_acc_unpruned"]}
     results["after"] = ftt.measured(evaluate(model))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,9 @@ class Config:
     attack_lr: float = field(default=0.01, metadata={"help": "SGD lr of backdoored training (cosine)"})
     attack_batch: int = field(default=128, metadata={"help": "batch of backdoored training"})
     attack_augment: bool = field(default=True, metadata={"help": "crop + flip while backdooring (the attacker's choice)"})
+    attack_schedule: str = field(default="cosine", metadata={"choices": ("cosine", "step"),
+                                                             "help": "lr schedule of backdoored training: cosine to 0, or "
+                                                                     "step (x0.1 at 50%% and 75%% of the epochs)"})
     reference_epochs: int = field(default=10, metadata={"help": "epochs of the clean reference model (Trojan, Low-Frequency, ATTEQ-NN)"})
     reference_model: str = field(default="", metadata={"help": "a clean --arch state_dict to fit Trojan / Low-Frequency / "
                                                                "ATTEQ-NN on, instead of training one"})
@@ -721,6 +724,11 @@ def cosine(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_sched
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(total_steps, 1), 1))))
 
 
+def step_decay(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The common third-party recipe: the lr times 0.1 after half of the steps and again after three quarters."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 ** ((s >= total_steps // 2) + (s >= 3 * total_steps // 4)))
+
+
 def check_finite(loss: Tensor, stage: str, epoch: int, step: int) -> None:
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss ({loss.item()}) in {stage}, epoch {epoch}, step {step}; stopping")
@@ -875,12 +883,12 @@ def descend(opt: torch.optim.Optimizer, sched, loss: Tensor) -> None:
 
 def train_supervised(model: nn.Module, epoch_data, epochs: int, lr: float, batch: int, cfg: Config,
                      device: torch.device, stage: str, evaluate, augment: bool = True,
-                     ckpt: Checkpoint | None = None) -> None:
+                     ckpt: Checkpoint | None = None, schedule=cosine) -> None:
     """Plain cross-entropy training with the weak augmentation (the attacker's recipe).
     epoch_data(epoch) -> (x uint8, y) for that epoch: ATTEQ-NN alternates poisoned and benign epochs."""
     n = len(epoch_data(0)[0])
     opt = sgd(model.parameters(), lr, cfg)
-    sched = cosine(opt, epochs * math.ceil(n / batch))
+    sched = schedule(opt, epochs * math.ceil(n / batch))
     start, _ = ckpt.restore(stage, model, opt, sched) if ckpt else (1, {})
     prog = Progress(stage, epochs, cfg.quiet, start)
     for epoch in range(start, epochs + 1):
@@ -1166,7 +1174,8 @@ def main(cfg: Config) -> dict:
         alternate = cfg.attack == "atteq-nn"  # ATTEQ-NN's benign epochs
         epoch_data = lambda e: (x_c, y_c) if alternate and e % 2 else (x_p, y_p)
         train_supervised(model, epoch_data, cfg.attack_epochs, cfg.attack_lr, cfg.attack_batch, cfg, device,
-                         "attack", evaluate, cfg.attack_augment, ckpt)
+                         "attack", evaluate, cfg.attack_augment, ckpt,
+                         step_decay if cfg.attack_schedule == "step" else cosine)
     timings["backdoor_s"] = time.time() - t
     if not cfg.model:
         torch.save(model.state_dict(), out / "backdoored.pt")
