@@ -53,10 +53,10 @@ def holdout_split(n: int, share: float, seed: int, device) -> tuple[Tensor, Tens
 
 # ------------------------------------------------------------------ FT: fine-tuning on the clean subset
 
-def fine_tune(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, device: torch.device, evaluate,
-              stage: str = "ft") -> nn.Module:
+def fine_tune(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, device: torch.device,
+              monitor: ftt.Monitor, stage: str = "ft") -> nn.Module:
     ftt.train_supervised(model, lambda e: (x, y), cfg.sad_epochs, cfg.sad_lr, cfg.batch_size, cfg, device,
-                         stage, evaluate)
+                         stage, monitor)
     return model
 
 
@@ -79,7 +79,7 @@ def mean_activation(model: nn.Module, x: Tensor, device: torch.device, channels_
 
 
 def fine_prune(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, device: torch.device,
-               evaluate) -> tuple[nn.Module, dict]:
+               monitor: ftt.Monitor) -> tuple[nn.Module, dict]:
     """Prune the last stage's channels, least active on clean data first, as deep as the held-out part of
     the clean subset allows (ACC within b.margin points of unpruned), then fine-tune on the whole subset.
     The mask stays on the model as a forward hook (returned in the info, with the pruned channel indices)."""
@@ -99,7 +99,7 @@ def fine_prune(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Basel
     mask.fill_(1)
     mask[ranking[:chosen]] = 0
     print(f"fp: pruned {chosen} of {c} channels (held-out clean ACC {base:.2f} -> {acc():.2f})", flush=True)
-    fine_tune(model, x, y, cfg, device, evaluate, "fp")
+    fine_tune(model, x, y, cfg, device, monitor, "fp")
     return model, {"pruned": sorted(ranking[:chosen].tolist()), "channels": c, "hook": hook, "mask": mask}
 
 
@@ -123,19 +123,19 @@ def stage_features(model: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
 
 
 def nad(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, device: torch.device,
-        evaluate) -> nn.Module:
+        monitor: ftt.Monitor) -> nn.Module:
     """Teacher: the backdoored model fine-tuned on the clean subset. Student: the backdoored model
     trained with CE plus sum_i beta_i nad_loss at the last len(betas) stages' outputs."""
-    teacher = fine_tune(copy.deepcopy(model), x, y, cfg, device, evaluate, "nad-t").eval().requires_grad_(False)
+    teacher = fine_tune(copy.deepcopy(model), x, y, cfg, device, monitor, "nad-t").eval().requires_grad_(False)
     betas = b.nad_betas[-len(model.stages):]
     opt = ftt.sgd(model.parameters(), cfg.sad_lr, cfg)
     steps = math.ceil(len(x) / cfg.batch_size)
     sched = ftt.cosine(opt, cfg.sad_epochs * steps)
-    prog = ftt.Progress("nad", cfg.sad_epochs, cfg.quiet)
+    prog = ftt.Progress("nad", cfg.sad_epochs, len(x), monitor)
     for epoch in range(1, cfg.sad_epochs + 1):
         model.train()
-        perm = torch.randperm(len(x)).to(x.device)
-        sums = torch.zeros(2)
+        perm = torch.randperm(len(x), device=x.device)
+        sums, watch, lr_now = torch.zeros(2, device=device), ftt.FiniteWatch(device), sched.get_last_lr()[0]
         for step, i in enumerate(range(0, len(x), cfg.batch_size)):
             idx = perm[i:i + cfg.batch_size]
             xb = ftt.to_input(ftt.random_crop_flip(x[idx]), cfg.channels_last)
@@ -146,12 +146,15 @@ def nad(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, de
             ce = F.cross_entropy(logits.float(), y[idx])
             at = sum(beta * nad_loss(s, t) for beta, s, t in zip(betas, fs[-len(betas):], ft[-len(betas):]))
             loss = ce + at
-            ftt.check_finite(loss, "nad", epoch, step)
+            watch.see(loss, step)
             ftt.descend(opt, sched, loss)
-            sums += torch.tensor([ce.item(), at.item()])
-            prog.images += len(idx)
+            sums += torch.stack([ce, at]).detach()
+            prog.step(len(idx), epoch)
+        prog.pause()
+        watch.check("nad", epoch)
         ce, at = (sums / steps).tolist()
-        prog.line(epoch, {"ce": ce, "at": at}, evaluate, model)
+        acc_asr = monitor.evaluate(model) if ftt.evaluation_due(epoch, cfg.sad_epochs, monitor.every) else ()
+        prog.epoch(epoch, {"ce": ce, "at": at}, lr_now, *acc_asr)
     return model
 
 
@@ -279,6 +282,10 @@ def run(cfg: ftt.Config, b: Baseline) -> dict:
     x_te, y_te, x_bd, y_bd = (d[n].to(device) for n in ("x_test", "y_test", "x_bd", "y_bd"))
     evaluate = lambda m: (ftt.accuracy(m, x_te, y_te, device, cfg.channels_last),
                           ftt.accuracy(m, x_bd, y_bd, device, cfg.channels_last))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "log.jsonl").unlink(missing_ok=True)
+    monitor = ftt.Monitor(evaluate, cfg.eval_every, out / "log.jsonl", cfg.quiet)
     torch.manual_seed(cfg.seed)
     model = ftt.build_backbone(cfg.arch, x_l.shape[1], d["num_classes"]).to(device)
     if cfg.channels_last:
@@ -287,19 +294,17 @@ def run(cfg: ftt.Config, b: Baseline) -> dict:
     results = {"before": ftt.measured(evaluate(model))}
     info = {}
     if b.method == "ft":
-        fine_tune(model, x_l, y_l, cfg, device, evaluate)
+        fine_tune(model, x_l, y_l, cfg, device, monitor)
     elif b.method == "fp":
-        model, info = fine_prune(model, x_l, y_l, cfg, b, device, evaluate)
+        model, info = fine_prune(model, x_l, y_l, cfg, b, device, monitor)
         info = {"pruned_channels": info["pruned"], "channels": info["channels"]}
     elif b.method == "nad":
-        nad(model, x_l, y_l, cfg, b, device, evaluate)
+        nad(model, x_l, y_l, cfg, b, device, monitor)
     else:
         model, info = anp(model, x_l, y_l, cfg, b, device)
         info = {"pruned_neurons": info["pruned"], "neurons": info["neurons"], "held_out_acc": info["held_out_acc"],
                 "held_out_acc_unpruned": info["held_out_acc_unpruned"]}
     results["after"] = ftt.measured(evaluate(model))
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     report = {"method": b.method, "baseline": dataclasses.asdict(b), "config": dataclasses.asdict(cfg),
               "results": results, "info": info, "trigger": d["trigger"], "counts": d["counts"],
               "timings": {"total_s": time.time() - t0}, "versions": ftt.versions(), "argv": sys.argv}

@@ -15,7 +15,8 @@ taken over several timed windows and the median reported. Rows:
                  (the real pipeline) or from batches augmented once beforehand (in memory)
 FLOPs are counted with torch.utils.flop_counter (convolutions and matmuls, forward and backward) on one
 plain step; on CUDA the achieved FLOP/s is given as a share of the device's dense bf16 peak.
-Output: a Markdown table on stdout and a JSON file (--json).
+Each row also counts the host synchronisations of one step on CUDA (torch.cuda.set_sync_debug_mode):
+a training step should have none. Output: a Markdown table on stdout and a JSON file (--json).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import platform
 import resource
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,6 +61,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def host_syncs(step, device: torch.device) -> int:
+    """How many times one call of step() makes the host wait for the GPU, counted by CUDA's sync debug
+    mode (each synchronising call warns once); 0 on CPU, where there is nothing to wait for."""
+    if device.type != "cuda":
+        return 0
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in seen)
+
+
 def rate(step, images: int, device: torch.device, warmup: int, windows: int, steps: int) -> tuple[float, list[float]]:
     """Median images/s of step() over `windows` windows of `steps` calls, after `warmup` calls."""
     for _ in range(warmup):
@@ -84,6 +101,7 @@ def bench(args: argparse.Namespace) -> dict:
     pool_x = torch.randint(0, 256, (args.pool, c, h, w), dtype=torch.uint8, device=device)
     pool_y = torch.randint(0, args.classes, (args.pool,), device=device)
     draw = lambda n: torch.randint(0, args.pool, (n,), device=device)
+    watch = ftt.FiniteWatch(device)  # a non-finite loss is noted on the device and read once, at the end
 
     def model(branched: bool, compile: bool = args.compile):
         m = ftt.build_backbone(args.arch, c, args.classes).to(device)
@@ -109,7 +127,7 @@ def bench(args: argparse.Namespace) -> dict:
             else:  # in memory
                 xb, yb = fixed
             loss = ftt.supervised_forward(m, xb, yb, cfg, device)
-            ftt.check_finite(loss, "bench", 0, 0)
+            watch.see(loss, 0)
             ftt.descend(opt, sched, loss)
         return step
 
@@ -120,7 +138,7 @@ def bench(args: argparse.Namespace) -> dict:
         def step():
             idx = draw(b)
             loss, _, _ = ftt.sad_forward(net, ftt.random_crop_flip(pool_x[idx]), pool_y[idx], weights, cfg, device)
-            ftt.check_finite(loss, "bench", 0, 0)
+            watch.see(loss, 0)
             ftt.descend(opt, sched, loss)
         return step
 
@@ -138,7 +156,7 @@ def bench(args: argparse.Namespace) -> dict:
             else:
                 batch = fixed
             loss, _ = ftt.ssl_forward(net, *batch, weights, cfg, device)
-            ftt.check_finite(loss, "bench", 0, 0)
+            watch.see(loss, 0)
             ftt.descend(opt, sched, loss)
         return step
 
@@ -152,12 +170,15 @@ def bench(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        median, windows = timing(make(), n)
-        rows[name] = {"images_per_s": median, "windows": windows}
+        step = make()
+        median, windows = timing(step, n)
+        rows[name] = {"images_per_s": median, "windows": windows, "host_syncs_per_step": host_syncs(step, device)}
         if device.type == "cuda":
             rows[name]["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-        print(f"  {name:<26} {median:9.1f} img/s  (windows: {', '.join(f'{v:.0f}' for v in windows)})", flush=True)
+        print(f"  {name:<26} {median:9.1f} img/s  (windows: {', '.join(f'{v:.0f}' for v in windows)}; "
+              f"host syncs per step: {rows[name]['host_syncs_per_step']})", flush=True)
 
+    watch.check("bench", 0)
     # FLOPs of one plain step (forward + backward), per image
     m, opt, sched = model(False, compile=False)
     counter = FlopCounterMode(display=False)
@@ -188,10 +209,11 @@ def bench(args: argparse.Namespace) -> dict:
 def markdown(r: dict) -> str:
     lines = [f"{r['arch']} on {r['device_name']} ({r['device']}, {r['threads']} threads), images {tuple(r['shape'])}, "
              f"b {r['batch']}, mu {r['mu']}, channels_last {r['channels_last']}, compile {r['compile']}, AMP {r['amp']}, "
-             f"{r['date']}", "", "| step | images/s (median) | peak GPU memory GiB |", "|---|---|---|"]
+             f"{r['date']}", "", "| step | images/s (median) | host syncs per step | peak GPU memory GiB |",
+             "|---|---|---|---|"]
     for name, row in r["rows"].items():
         mem = f"{row['peak_mem_gib']:.2f}" if "peak_mem_gib" in row else "-"
-        lines.append(f"| {name} | {row['images_per_s']:.1f} | {mem} |")
+        lines.append(f"| {name} | {row['images_per_s']:.1f} | {row['host_syncs_per_step']} | {mem} |")
     lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in r["ratios"].items()]
     share = f", {100 * r['share_of_peak']:.1f}% of the bf16 peak" if r["share_of_peak"] else ""
     lines += ["", f"Training-step FLOPs per image {r['flops_per_image_train_step'] / 1e9:.3f} GFLOP; plain@b(1+mu) "

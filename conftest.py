@@ -1,5 +1,6 @@
 """Shared test setup: a hypothesis profile that stays fast and stable on 2 cores (first torch calls
 are slow, so no deadline; few, small examples), and the location of optional real datasets."""
+import json
 import os
 from pathlib import Path
 
@@ -24,3 +25,9 @@ def needs_cifar10():
 def needs_fashion():
     if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("Fashion-MNIST missing: apt-get install -y dataset-fashion-mnist (.ci/run does)")
+
+
+def report(test: str, **values) -> None:
+    """What a training test measured, printed beside its bound (shown with pytest -s; issue 11's table of
+    values under each ATEN_CPU_CAPABILITY comes from these lines)."""
+    print(f"\nMEASURED {test} {os.environ.get('ATEN_CPU_CAPABILITY', 'native')} {json.dumps(values)}", flush=True)

@@ -11,6 +11,10 @@
 #   table3    Table 3: poisoned share 0 / 25 / 50 / 75% of the unlabelled pool (GPU)
 #   table4    Table 4: ablation, FTT / without SSL / without SAD (GPU)
 #   fig5      Figure 5: clean share 0.5% .. 10% for every method (GPU); a table, and a PNG with matplotlib
+#   benchmark CIFAR-10 / WRN-16-1 (DATA_ROOT), BadNets, Blended, Trojan, seeds 0 1 (SEEDS): attackers trained the
+#             third-party way (25 epochs, lr 0.1, step decay, no augmentation), every defence with its defaults
+#   sad-ablation  FTT(SAD) variants of eq. (5)'s scale and beta 0 on benchmark's backdoored models
+#   ssl-passes    ACC (and ASR) against SSL passes, 20 passes, with and without the EMA: a PNG with matplotlib
 # Every cell writes RUNS/<table>/<row>/<method>/results.json; a rerun skips finished cells; backdoored
 # models are trained once per row (by the FTT cell) and shared by every method of that row.
 set -euo pipefail
@@ -26,8 +30,9 @@ print(f"\n{title}\n\n| run | attack | ASR before | ACC before | ASR SAD | ACC SA
 print("|---|---|---|---|---|---|---|---|---|---|")
 for f in files:
     r = json.load(open(f)); m = r["results"]; c = r["config"]
-    print(f"| {f.split('/')[-2]} | {c['attack']} | {m['before']['asr']:.2f} | {m['before']['acc']:.2f} | "
-          f"{m['sad']['asr']:.2f} | {m['sad']['acc']:.2f} | {m['ssl']['asr']:.2f} | {m['ssl']['acc']:.2f} | "
+    v = lambda s, k: f"{m[s][k]:.2f}" if s in m and m[s][k] is not None else "-"
+    print(f"| {f.split('/')[-3]}/{f.split('/')[-2]} | {c['attack']} | {v('before', 'asr')} | {v('before', 'acc')} | "
+          f"{v('sad', 'asr')} | {v('sad', 'acc')} | {v('ssl', 'asr')} | {v('ssl', 'acc')} | "
           f"{r['trigger']['psnr_db']:.1f} | {r['timings']['total_s'] / 60:.1f} |")
 PY
 }
@@ -64,10 +69,51 @@ cell() {  # cell DIR PROGRAM FLAGS... : run one cell unless DIR/results.json exi
   python3 "$prog" "$@" "${resume[@]}" --out "$dir"
 }
 
-row() {  # row DIR FLAGS... : FTT (trains and saves the backdoored model), then FT, FP, NAD, ANP on that model
+row() {  # row DIR FLAGS... : FTT (trains and saves the backdoored model), then FT, FP, NAD, ANP on that model;
+         # with ATTACKER=PATH every cell of the row defends that backdoored model instead (nothing is trained twice)
   local dir=$1; shift
-  cell "$dir/ftt" ftt.py "$@"
-  for m in ft fp nad anp; do cell "$dir/$m" baselines.py --method "$m" --model "$dir/ftt/backdoored.pt" "$@" ${BASELINE_FLAGS:-}; done
+  local model="$dir/ftt/backdoored.pt" given=()
+  if [ -n "${ATTACKER:-}" ]; then model=$ATTACKER; given=(--model "$ATTACKER"); fi
+  cell "$dir/ftt" ftt.py "$@" "${given[@]}"
+  for m in ft fp nad anp; do cell "$dir/$m" baselines.py --method "$m" --model "$model" "$@" ${BASELINE_FLAGS:-}; done
+}
+
+time_table() {  # time_table ROWDIR... : wall minutes of every cell (the attacker's training, then each defence)
+  python3 - "$@" <<'PY'
+import json, os, sys
+print("\n| row | attacker | FT | FP | NAD | ANP | FTT(SAD) | FTT(SSL stage) | device |\n|---|---|---|---|---|---|---|---|---|")
+for r in sys.argv[1:]:
+    j = lambda m: json.load(open(os.path.join(r, m, "results.json"))) if os.path.exists(os.path.join(r, m, "results.json")) else None
+    f = j("ftt"); t = f["timings"] if f else {}
+    mins = lambda v: "-" if v is None else f"{v / 60:.2f}"
+    base = [mins(j(m)["timings"]["total_s"]) if j(m) else "-" for m in ("ft", "fp", "nad", "anp")]
+    dev = f["versions"]["device_name"] if f else "-"
+    print(f"| {os.path.basename(r)} | {mins(t.get('backdoor_s'))} | " + " | ".join(base) +
+          f" | {mins(t.get('sad_s'))} | {mins(t.get('ssl_s'))} | {dev} |")
+PY
+}
+
+plot_logs() {  # plot_logs PNG TITLE LOG.jsonl... : ACC and ASR of the SSL stage against passes, one line per log
+  python3 - "$@" <<'PY'
+import json, sys
+png, title, logs = sys.argv[1], sys.argv[2], sys.argv[3:]
+rows = {f: [json.loads(l) for l in open(f) if '"stage": "ssl"' in l] for f in logs}
+for f, r in rows.items():
+    print(f"{f}: " + ", ".join(f"pass {x['epoch']} ACC {x['acc']} ASR {x['asr']}" for x in r if x["acc"] is not None))
+try:
+    import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
+except ImportError:
+    sys.exit(print("matplotlib not installed (pip install matplotlib): the figures above are the plot's data"))
+fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+for f, r in rows.items():
+    r = [x for x in r if x["acc"] is not None]
+    for ax, k in zip(axes, ("acc", "asr")):
+        ax.plot([x["epoch"] for x in r], [x[k] for x in r], marker="o", label=f.split("/")[-3] + "/" + f.split("/")[-2])
+for ax, k in zip(axes, ("ACC %", "ASR %")):
+    ax.set_xlabel("SSL passes over the unlabelled pool"); ax.set_ylabel(k)
+axes[0].legend(fontsize=7); fig.suptitle(title, fontsize=9); fig.tight_layout(); fig.savefig(png, dpi=120)
+print(f"wrote {png}")
+PY
 }
 
 method_table() {  # method_table TITLE ROWDIR... : the paper's Table 1 layout, with Average and Deviation rows
@@ -172,24 +218,33 @@ PY
     method_table "Table 2: WRN-16-1 on CIFAR-10, ResNet-50 on CIFAR-100" "$dir"/* | tee "$dir/table.md" ;;
   table3)
     dir="$RUNS/table3"; CELLS=16
-    for a in atteq-nn badnets blended low-frequency; do
-      for s in 0 0.25 0.5 0.75; do cell "$dir/$a/share-$s" ftt.py --attack "$a" --pool-poison-share "$s" "$@"; done
+    for a in atteq-nn badnets blended low-frequency; do  # the pool's share changes the defender's data only:
+      cell "$dir/$a/share-0" ftt.py --attack "$a" --pool-poison-share 0 "$@"  # one attacker per attack
+      for s in 0.25 0.5 0.75; do
+        cell "$dir/$a/share-$s" ftt.py --attack "$a" --pool-poison-share "$s" --model "$dir/$a/share-0/backdoored.pt" "$@"
+      done
     done
     table "Table 3: poisoned share of the unlabelled pool (ASR/ACC after SAD+SSL are the last two)" "$dir"/*/share-*/results.json | tee "$dir/table.md" ;;
   table4)
     dir="$RUNS/table4"; CELLS=9
-    for a in badnets blended atteq-nn; do
-      cell "$dir/$a/full" ftt.py --attack "$a" "$@"   # its SAD column is "without SSL"
-      cell "$dir/$a/without-stage1" ftt.py --attack "$a" --sad-epochs 0 --model "$dir/$a/full/backdoored.pt" "$@"
-      cell "$dir/$a/without-sad" ftt.py --attack "$a" --sad-epochs 0 --beta 0 --model "$dir/$a/full/backdoored.pt" "$@"
+    for a in badnets blended atteq-nn; do  # Table 1's backdoored model when table1 ran, else one trained here
+      model="$RUNS/table1/$a/ftt/backdoored.pt"; given=(--model "$model")
+      [ -f "$model" ] || { model="$dir/$a/full/backdoored.pt"; given=(); }
+      cell "$dir/$a/full" ftt.py --attack "$a" "${given[@]}" "$@"   # its SAD column is "without SSL"
+      cell "$dir/$a/without-stage1" ftt.py --attack "$a" --sad-epochs 0 --model "$model" "$@"
+      cell "$dir/$a/without-sad" ftt.py --attack "$a" --sad-epochs 0 --beta 0 --model "$model" "$@"
     done
     table "Table 4: ablation (full: SAD+SSL; without SSL: the SAD columns of full; without-stage1 (no stage 1, eq. 7
 whole in stage 2) and without-sad (no stage 1 and beta 0: no attention distillation at all): the SAD+SSL columns)" \
       "$dir"/*/*/results.json | tee "$dir/table.md" ;;
   fig5)
     dir="$RUNS/fig5"; CELLS=125
-    for c in 0.005 0.01 0.02 0.05 0.1; do
-      for a in badnets blended low-frequency atteq-nn wanet; do row "$dir/clean-$c/$a" --attack "$a" --clean-ratio "$c" "$@"; done
+    for c in 0.05 0.005 0.01 0.02 0.1; do  # the clean share changes the defender's data only: one attacker per attack
+      for a in badnets blended low-frequency atteq-nn wanet; do
+        first="$dir/clean-0.05/$a/ftt/backdoored.pt"
+        if [ "$c" = 0.05 ]; then row "$dir/clean-$c/$a" --attack "$a" --clean-ratio "$c" "$@"
+        else ATTACKER=$first row "$dir/clean-$c/$a" --attack "$a" --clean-ratio "$c" "$@"; fi
+      done
       method_table "Figure 5 data, clean share $c" "$dir/clean-$c"/* | tee "$dir/clean-$c.md"
     done
     python3 - "$dir" <<'PY'
@@ -209,6 +264,42 @@ for name, m, key in cols:
 axes[0].legend(); fig.savefig(f"{d}/fig5.png", dpi=120); print(f"wrote {d}/fig5.png")
 PY
     ;;
+  benchmark|benchmark-table)  # benchmark-table: only the tables and the plot, from the cells finished so far
+    dir="$RUNS/benchmark"; seeds=${SEEDS:-0 1}; CELLS=$((15 * $(echo $seeds | wc -w)))
+    flags=(--dataset cifar10 --data-root "${DATA_ROOT:-./data}" --arch wrn16-1 --attack-epochs 25 --attack-lr 0.1
+           --attack-schedule step --no-attack-augment --quiet "$@")
+    rows=()
+    for s in $seeds; do
+      for a in badnets blended trojan; do
+        [ "$name" = benchmark ] && row "$dir/$a-s$s" --attack "$a" --seed "$s" "${flags[@]}"
+        [ -d "$dir/$a-s$s" ] && rows+=("$dir/$a-s$s")
+      done
+    done
+    { method_table "./reproduce.sh benchmark: CIFAR-10, WRN-16-1, ftt.py and baselines.py defaults" "${rows[@]}"
+      time_table "${rows[@]}"; } | tee "$dir/table.md"
+    plot_logs "$dir/ssl.png" "benchmark: FTT's stage 2 (defaults)" "$dir"/*/ftt/log.jsonl ;;
+  sad-ablation)
+    # run benchmark first: FTT(SAD) on its backdoored models with eq. (5) reduced otherwise, and with beta 0
+    dir="$RUNS/sad-ablation"; src="$RUNS/benchmark"; CELLS=0
+    for r in "$src"/*/; do
+      r=$(basename "$r"); a=${r%-s*}; s=${r##*-s}
+      for v in "--beta 0" "--ap-reduce mean" "--ap-reduce l2" "--ap-reduce sum"; do
+        cell "$dir/$r/${v// /}" ftt.py --dataset cifar10 --data-root "${DATA_ROOT:-./data}" --arch wrn16-1 --attack "$a" \
+          --seed "$s" --model "$src/$r/ftt/backdoored.pt" --ssl-epochs 0 --quiet $v "$@"
+      done
+    done
+    table "FTT(SAD) variants on benchmark's models (SAD columns; no SSL)" "$dir"/*/*/results.json | tee "$dir/table.md" ;;
+  ssl-passes)
+    # run benchmark first: 20 SSL passes on its BadNets and Blended seed-0 models, with the EMA (default) and without
+    dir="$RUNS/ssl-passes"; src="$RUNS/benchmark"; CELLS=4
+    for r in badnets-s0 blended-s0; do
+      for ema in 0.999 0; do
+        cell "$dir/$r/ema$ema" ftt.py --dataset cifar10 --data-root "${DATA_ROOT:-./data}" --arch wrn16-1 --attack "${r%-s0}" \
+          --seed 0 --model "$src/$r/ftt/backdoored.pt" --ssl-epochs 20 --ema "$ema" --quiet "$@"
+      done
+    done
+    table "20 SSL passes, EMA 0.999 and none" "$dir"/*/*/results.json | tee "$dir/table.md"
+    plot_logs "$dir/ssl-passes.png" "ACC and ASR against SSL passes (CIFAR-10, WRN-16-1)" "$dir"/*/*/log.jsonl ;;
   *)
-    sed -n '2,15p' "$0"; exit 2 ;;
+    sed -n '2,19p' "$0"; exit 2 ;;
 esac

@@ -9,7 +9,7 @@ import torch.nn as nn
 from hypothesis import given, strategies as st
 
 import attacks
-from conftest import needs_fashion
+from conftest import needs_fashion, report
 
 seeds = st.integers(0, 2**31 - 1)
 C, H, W = 3, 12, 12
@@ -280,6 +280,7 @@ def test_each_attack_implants_a_backdoor_on_a_tiny_model(name, tmp_path, referen
     cfg = ftt.Config(**{**IMPLANT, **IMPLANT_MORE.get(name, {})}, attack=name, out=str(tmp_path / "run"),
                      cache=str(reference_cache))
     before = ftt.main(cfg)["results"]["before"]
+    report(f"implant[{name}]", before=before)
     assert before["asr"] >= 80, f"{name} did not implant: {before}"
     assert before["acc"] >= 70, f"{name} broke the model's clean accuracy: {before}"
     if name == "atteq-nn":  # the mask sits on the reference model's highest-attention pixels

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 import ftt
-from conftest import needs_cifar10, needs_fashion
+from conftest import needs_cifar10, needs_fashion, report
 
 # small float64 feature maps (B, C, H, W): exactness matters more than size here
 dims = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 5), st.integers(1, 5))
@@ -256,6 +256,215 @@ def test_ap_term_teaches_shallow_exit_only_when_f_d_is_detached():
     assert f_d.grad.abs().sum() > 0
 
 
+def test_ap_reductions_scale_the_per_image_distances_as_documented():
+    d = torch.tensor([0.5, 1.0, 0.0, 2.0])
+    keep = torch.tensor([True, True, False, True])
+    assert ftt.reduce_ap(d, "mean").item() == pytest.approx(3.5 / 4)
+    assert ftt.reduce_ap(d, "sum").item() == pytest.approx(3.5)
+    assert ftt.reduce_ap(d, "l2").item() == pytest.approx(math.sqrt(0.25 + 1 + 4))
+    assert ftt.reduce_ap(d * 0 + 7, "mean", keep).item() == pytest.approx(21 / 4)  # dropped images count as 0
+
+
+# ------------------------------------------------------------------ one SSL step: which view labels, which view learns
+
+class TwoExits(nn.Module):
+    """A stand-in for Branched with two exits whose predictions are fixed functions of brightness: the
+    deepest says class 1 for a bright image and 0 for a dark one, the shallow exit the opposite. One BN
+    layer, so that its running statistics can be watched."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(1)
+        self.scale = nn.Parameter(torch.tensor(30.0))
+
+    def forward(self, x):
+        self.bn(x[:, :1])  # updates running statistics in train mode, as a real backbone does
+        bright = x.mean((1, 2, 3)) * 2 - 1  # -1 for black, +1 for white
+        deep = torch.stack([-bright, bright], 1) * self.scale
+        feats = [x.expand(-1, 2, -1, -1), x.expand(-1, 2, -1, -1)]
+        return [-deep, deep], feats
+
+
+def solid(value, n=4, size=4):
+    return torch.full((n, 1, size, size), value, dtype=torch.uint8)
+
+
+def test_pseudo_labels_come_from_the_weak_view_and_the_loss_from_the_strong_view():
+    # weak view white (deepest: class 1), strong view black (deepest: class 0). Taking labels from the weak
+    # view and the loss on the strong one gives a large CE; the swap would give a CE near 0.
+    cfg = ftt.Config(threshold=0.95, channels_last=False)
+    net = TwoExits().train()
+    args = (solid(0)[:1], torch.tensor([0]))
+    _, parts = ftt.ssl_forward(net, *args, solid(255), solid(0), [1.0, 1.0], cfg, torch.device("cpu"))
+    assert parts[2] > 10  # ce_u: both exits confidently wrong on the strong view
+    _, parts = ftt.ssl_forward(net, *args, solid(0), solid(0), [1.0, 1.0], cfg, torch.device("cpu"))
+    assert parts[2] < 1e-6  # same image in both views: every exit agrees with its own pseudo-label
+
+
+def test_each_exit_learns_from_its_own_pseudo_labels():
+    # the exits disagree on every image; with per-exit labels each agrees with itself (CE ~ 0); had all
+    # exits taken the deepest exit's labels, the shallow one's CE would be about 60 (its logit gap)
+    cfg = ftt.Config(threshold=0.95, channels_last=False)
+    _, parts = ftt.ssl_forward(TwoExits().train(), solid(0)[:1], torch.tensor([0]), solid(255), solid(255),
+                               [1.0, 1.0], cfg, torch.device("cpu"))
+    assert parts[2] < 1e-6 and parts[4] == 1.0  # every image passed t at the deepest exit
+
+
+def test_weak_view_pass_leaves_batchnorm_running_statistics_alone():
+    # after one SSL step the running statistics are those that the labelled + strong forward alone gives
+    cfg = ftt.Config(threshold=0.95, channels_last=False)
+    xb, weak, strong = solid(10)[:2], solid(250), solid(60)
+    net = TwoExits().train()
+    ftt.ssl_forward(net, xb, torch.tensor([0, 0]), weak, strong, [1.0, 1.0], cfg, torch.device("cpu"))
+    ref = TwoExits().train()
+    ref(ftt.to_input(torch.cat([xb, strong]), False))
+    assert torch.equal(net.bn.running_mean, ref.bn.running_mean) and torch.equal(net.bn.running_var, ref.bn.running_var)
+    with ftt.frozen_bn_stats(ref):  # and the frozen pass still normalises with the batch's statistics
+        out = ref.bn(torch.randn(8, 1, 3, 3) * 5 + 2)
+    assert abs(out.mean().item()) < 1e-5 and net.bn.momentum == ref.bn.momentum == 0.1
+
+
+@given(st.floats(0.5, 0.9999), st.integers(0, 10_000))
+def test_ema_moves_toward_the_model_by_its_warmed_up_decay(decay, step):
+    ema, model = nn.Linear(2, 2), nn.Linear(2, 2)
+    before = ema.weight.detach().clone()
+    ftt.ema_update(ema, model, decay, step)
+    d = min(decay, (1 + step) / (10 + step))
+    torch.testing.assert_close(ema.weight, d * before + (1 - d) * model.weight.detach())
+
+
+def tiny_ssl_setup(n_u=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x_l = torch.randint(0, 256, (16, 1, 8, 8), generator=g, dtype=torch.uint8)
+    y_l = torch.randint(0, 3, (16,), generator=g)
+    x_u = torch.randint(0, 256, (n_u, 1, 8, 8), generator=g, dtype=torch.uint8)
+    torch.manual_seed(seed)
+    net = ftt.Branched(ftt.build_backbone("wrn10-1", 1, 3), (1, 8, 8), 3)
+    cfg = ftt.Config(batch_size=8, mu=2, ssl_epochs=2, threshold=0.0, quiet=True, channels_last=False)
+    return net, x_l, y_l, x_u, cfg
+
+
+@pytest.mark.parametrize("n_u", [96, 100, 16])
+def test_ssl_schedule_spans_exactly_the_steps_the_loop_runs_and_ends_at_lr_0(n_u, monkeypatch):
+    net, x_l, y_l, x_u, cfg = tiny_ssl_setup(n_u)
+    made, steps = [], []
+    real_cosine, real_descend = ftt.cosine, ftt.descend
+    monkeypatch.setattr(ftt, "cosine", lambda opt, total: made.append(real_cosine(opt, total)) or made[-1])
+    monkeypatch.setattr(ftt, "descend", lambda opt, sched, loss: steps.append(1) or real_descend(opt, sched, loss))
+    ftt.stage2_ssl(net, x_l, y_l, x_u, cfg, torch.device("cpu"), ftt.Monitor(quiet=True))
+    assert len(steps) == ftt.ssl_schedule(n_u, cfg)[1] == made[0].last_epoch > 0
+    assert made[0].get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ssl_changes_the_weights_and_returns_their_average(tmp_path):
+    net, x_l, y_l, x_u, cfg = tiny_ssl_setup()
+    start = {k: v.clone() for k, v in net.backbone.state_dict().items()}
+    log = tmp_path / "log.jsonl"
+    kept = ftt.stage2_ssl(net, x_l, y_l, x_u, cfg, torch.device("cpu"), ftt.Monitor(log=log, quiet=True))
+    moved = lambda sd: any(not torch.equal(sd[k], start[k]) for k in start if sd[k].is_floating_point())
+    assert moved(net.backbone.state_dict()) and moved(kept.state_dict())
+    assert kept is not net.backbone and set(kept.state_dict()) == set(start)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all(r["stage"] == "ssl" and r["mask"] > 0 for r in rows)
+    assert ftt.stage2_ssl(net, x_l, y_l, x_u, dataclasses.replace(cfg, ema=0.0), torch.device("cpu"),
+                          ftt.Monitor(quiet=True)) is net.backbone
+
+
+# ------------------------------------------------------------------ what a user sees: start line, progress, evaluation
+
+def test_progress_inside_a_long_epoch_gives_images_per_second_and_both_etas(capsys, monkeypatch):
+    monkeypatch.setattr(ftt.Progress, "every_s", 0.0)  # as if every step took a minute
+    net, x_l, y_l, x_u, cfg = tiny_ssl_setup()
+    monitor = ftt.Monitor(quiet=False, later_s={"ssl": 120.0})
+    ftt.stage1_sad(net, x_u[:32], y_l.repeat(2)[:32], dataclasses.replace(cfg, sad_epochs=1), torch.device("cpu"), monitor)
+    inside = [line for line in capsys.readouterr().out.splitlines() if "images |" in line]
+    assert len(inside) == 4  # one per step of 8 images
+    assert all("img/s" in line and "stage eta" in line and "run eta" in line for line in inside)
+    assert inside[0].split("|")[1].strip() == "8/32 images" and "run eta 2.0 min" in inside[-1]
+
+
+def test_evaluation_every_n_epochs_and_always_after_the_last(tmp_path):
+    net, x_l, y_l, x_u, cfg = tiny_ssl_setup()
+    calls = []
+    monitor = ftt.Monitor(evaluate=lambda m: calls.append(1) or (50.0, 10.0), every=2, log=tmp_path / "log.jsonl",
+                          quiet=True)
+    ftt.stage1_sad(net, x_u[:16], y_l, dataclasses.replace(cfg, sad_epochs=5), torch.device("cpu"), monitor)
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["acc"] for r in rows] == [None, 50.0, None, 50.0, 50.0] and len(calls) == 3
+    assert monitor.measure("sad", net.backbone) == (50.0, 10.0) and len(calls) == 3  # not evaluated twice
+    assert [ftt.evaluation_due(e, 4, 0) for e in (1, 2, 3, 4)] == [False, False, False, True]
+
+
+def test_a_run_of_hours_is_told_what_to_run_instead():
+    cfg = ftt.Config(arch="preact18", batch_size=4, mu=1, attack_batch=4)
+    counts = {"train": 8, "clean": 4, "unlabelled": 4, "test": 4, "backdoor_test": 4}
+    line = ftt.start_line(cfg, {"attack": 30 * 3600.0, "sad": 60.0, "ssl": 600.0}, torch.device("cpu"), (1, 8, 8),
+                          3, counts, True)
+    assert "estimated 30.2 h" in line and "./reproduce.sh quick" in line and "--arch wrn16-1 (about" in line
+    assert "reproduce.sh" not in ftt.start_line(cfg, {"attack": 60.0}, torch.device("cpu"), (1, 8, 8), 3, counts, True)
+
+
+def test_estimate_counts_each_stage_from_its_own_steps_and_skips_what_does_not_run():
+    cfg = ftt.Config(arch="wrn10-1", batch_size=4, mu=1, attack_batch=4, attack_epochs=2, sad_epochs=3, ssl_epochs=0,
+                     channels_last=False)
+    counts = {"train": 8, "clean": 4, "unlabelled": 4, "test": 4, "backdoor_test": 4}
+    state = torch.get_rng_state()
+    est = ftt.estimate_run(cfg, "wrn10-1", (1, 8, 8), 3, counts, torch.device("cpu"), train_attacker=False)
+    assert torch.equal(torch.get_rng_state(), state)  # the run's random numbers are untouched
+    assert est["attack"] == 0 and est["ssl"] == 0 and est["sad"] > 0
+
+
+# ------------------------------------------------------------------ the loops read the device once per epoch
+
+class HostReads:
+    """Counts reads of tensor values by the host (each one a synchronisation on a GPU)."""
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+            real = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self.wrap(real))
+
+    def wrap(self, real):
+        def counted(t, *a):
+            self.n += 1
+            return real(t, *a)
+        return counted
+
+
+@pytest.mark.parametrize("stage", ["attack", "sad", "ssl"])
+def test_host_reads_per_epoch_do_not_grow_with_the_steps(stage, monkeypatch):
+    # a GPU step must never wait for the host: the number of reads in an epoch is the same for 2 and 6
+    # steps (rand_augment's CPU path reads its draw on the host; on a GPU it takes the other path; the
+    # first run fills rand_augment's table of magnitudes, read once per setting)
+    real = ftt.rand_augment
+    monkeypatch.setattr(ftt, "rand_augment", lambda x, **kw: real(x, **{**kw, "gather": False}))
+    counts = []
+    for n_steps in (2, 2, 6):
+        net, x_l, y_l, x_u, cfg = tiny_ssl_setup(n_u=16 * n_steps)
+        cfg = dataclasses.replace(cfg, ssl_epochs=1, sad_epochs=1)
+        reads = HostReads(monkeypatch)
+        if stage == "attack":
+            x = x_u[:8 * n_steps]
+            ftt.train_supervised(net.backbone, lambda e: (x, y_l.repeat(n_steps)[:len(x)]), 1, 0.01, 8, cfg,
+                                 torch.device("cpu"), "attack", ftt.Monitor(quiet=True))
+        elif stage == "sad":
+            ftt.stage1_sad(net, x_u[:8 * n_steps], y_l.repeat(n_steps)[:8 * n_steps], cfg, torch.device("cpu"),
+                           ftt.Monitor(quiet=True))
+        else:
+            ftt.stage2_ssl(net, x_l, y_l, x_u, cfg, torch.device("cpu"), ftt.Monitor(quiet=True))
+        counts.append(reads.n)
+        monkeypatch.undo()
+        monkeypatch.setattr(ftt, "rand_augment", lambda x, **kw: real(x, **{**kw, "gather": False}))
+    assert counts[1] == counts[2], counts
+
+
+def test_rand_augment_gives_the_same_images_on_either_path():
+    x = torch.randint(0, 256, (32, 3, 8, 8), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    a, b = (ftt.rand_augment(x, generator=torch.Generator().manual_seed(5), gather=g) for g in (True, False))
+    assert torch.equal(a, b)
+
+
 # ------------------------------------------------------------------ augmentations
 
 @given(seeds)
@@ -413,7 +622,7 @@ def test_cli_flags_come_from_config_and_unknown_flags_fail():
 # SAD for 10 epochs at lr 0.05. Bar: ASR >= 80% before, <= 20% after, ACC at most 10 points lower.
 TINY = dict(dataset="fashion-mnist", arch="wrn10-1", attack="badnets", train_size=5000, test_size=1000,
             attack_epochs=3, attack_lr=0.05, attack_batch=64, attack_augment=False,
-            clean_ratio=0.1, sad_epochs=10, sad_lr=0.05, ssl_epochs=0, quiet=True)
+            clean_ratio=0.1, sad_epochs=10, ssl_epochs=0, quiet=True)  # sad_lr: the default (0.1)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -421,16 +630,24 @@ def test_sad_removes_a_real_badnets_backdoor(seed, tmp_path):
     needs_fashion()
     cfg = ftt.Config(**TINY, seed=seed, out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
     r = ftt.main(cfg)["results"]
+    report(f"sad_e2e[{seed}]", before=r["before"], sad=r["sad"])
     assert r["before"]["asr"] >= 80, f"the attack did not take: {r}"
     assert r["sad"]["asr"] <= 20, f"SAD left the backdoor in: {r}"
     assert r["sad"]["acc"] >= r["before"]["acc"] - 10, f"SAD cost too much accuracy: {r}"
 
 
-def test_main_runs_both_stages_and_saves_a_plain_backbone_with_its_results(tmp_path):
+def test_main_runs_both_stages_and_saves_a_plain_backbone_with_its_results(tmp_path, capsys):
     needs_fashion()
     cfg = ftt.Config(**{**TINY, "train_size": 800, "test_size": 200, "attack_epochs": 1, "sad_epochs": 1,
-                        "ssl_epochs": 1, "mu": 2}, out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
+                        "ssl_epochs": 1, "mu": 2, "quiet": False}, out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
     report = ftt.main(cfg)
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("ftt: device cpu"))
+    assert "estimated" in lines[start] and start < next(i for i, line in enumerate(lines) if " epoch " in line)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in log] == [("attack", 1), ("sad", 1), ("ssl", 1)]
+    assert all({"lr", "acc", "asr", "images_per_s"} <= set(r) for r in log) and "mask" in log[-1] and "ap" in log[1]
+    assert log[-1]["acc"] == report["results"]["ssl"]["acc"]  # the last epoch's evaluation is the result
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["results"] == report["results"] and set(saved["results"]) == {"before", "sad", "ssl"}
     assert saved["config"]["seed"] == 0 and "torch" in saved["versions"] and saved["timings"]["total_s"] > 0
