@@ -153,7 +153,7 @@ def nad(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, de
         prog.pause()
         watch.check("nad", epoch)
         ce, at = (sums / steps).tolist()
-        acc_asr = monitor.evaluate(model) if ftt.evaluation_due(epoch, cfg.sad_epochs, monitor.every) else ()
+        acc_asr = monitor.evaluate_if_due("nad", epoch, cfg.sad_epochs, model)
         prog.epoch(epoch, {"ce": ce, "at": at}, lr_now, *acc_asr)
     return model
 

@@ -841,6 +841,8 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
     d = min(decay, (1 + step) / (10 + step)) so that a short run is not dominated by the starting weights
     (TensorFlow's ExponentialMovingAverage with num_updates). Buffers (BatchNorm statistics) are copied."""
     d = min(decay, (1 + step) / (10 + step))
+    # (torch.optim.swa_utils.AveragedModel would read its step counter from the device at every update: a host
+    # synchronisation per step, and it averages the BatchNorm statistics instead of copying them)
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
     buffers = list(ema.buffers())
     if buffers:
@@ -866,6 +868,14 @@ class Monitor:
     quiet: bool = False
     later_s: dict = field(default_factory=dict)
     final: dict = field(default_factory=dict)  # stage -> (ACC, ASR) of its last epoch, so that it is not evaluated twice
+
+    def evaluate_if_due(self, stage: str, epoch: int, epochs: int, model: nn.Module) -> tuple:
+        """The loops' evaluation after an epoch: (ACC, ASR) when evaluation_due, else (); the last epoch's
+        is kept for measure()."""
+        acc_asr = self.evaluate(model) if evaluation_due(epoch, epochs, self.every) else ()
+        if epoch == epochs:
+            self.final[stage] = acc_asr
+        return acc_asr
 
     def measure(self, stage: str, model: nn.Module) -> tuple[float, float]:
         """(ACC, ASR) of model at the end of `stage`: the loop's own last evaluation when it ran one."""
@@ -1080,9 +1090,7 @@ def train_supervised(model: nn.Module, epoch_data, epochs: int, lr: float, batch
             prog.step(len(idx), epoch)
         prog.pause()
         watch.check(stage, epoch)
-        acc_asr = monitor.evaluate(model) if evaluation_due(epoch, epochs, monitor.every) else ()
-        if epoch == epochs:
-            monitor.final[stage] = acc_asr
+        acc_asr = monitor.evaluate_if_due(stage, epoch, epochs, model)
         if ckpt:
             ckpt.save(stage, epoch, model, opt, sched)
         prog.epoch(epoch, {"ce": float(total) / len(x)}, lr_now, *acc_asr)
@@ -1114,9 +1122,7 @@ def stage1_sad(net: Branched, x: Tensor, y: Tensor, cfg: Config, device: torch.d
         prog.pause()
         watch.check("sad", epoch)
         ce, ap = (sums / steps).tolist()  # read once per epoch
-        acc_asr = monitor.evaluate(net.backbone) if evaluation_due(epoch, cfg.sad_epochs, monitor.every) else ()
-        if epoch == cfg.sad_epochs:
-            monitor.final["sad"] = acc_asr
+        acc_asr = monitor.evaluate_if_due("sad", epoch, cfg.sad_epochs, net.backbone)
         if ckpt:
             ckpt.save("sad", epoch, net, opt, sched)
         prog.epoch(epoch, {"ce": ce, "ap": ap}, lr_now, *acc_asr)
@@ -1171,9 +1177,7 @@ def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config
         watch.check("ssl", epoch)
         ce_l, ap_l, ce_u, ap_u, mask = (sums / steps).tolist()  # read once per epoch
         keep = ema if ema is not None else net.backbone
-        acc_asr = monitor.evaluate(keep) if evaluation_due(epoch, cfg.ssl_epochs, monitor.every) else ()
-        if epoch == cfg.ssl_epochs:
-            monitor.final["ssl"] = acc_asr
+        acc_asr = monitor.evaluate_if_due("ssl", epoch, cfg.ssl_epochs, keep)
         if ckpt:
             ckpt.save("ssl", epoch, net, opt, sched, {"perm_l": perm_l.cpu(), "pos_l": pos_l,
                                                       **({"ema": ema.state_dict()} if ema is not None else {})})
