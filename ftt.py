@@ -1364,34 +1364,25 @@ def estimate_run(cfg: Config, arch: str, shape: tuple, k: int, counts: dict, dev
         b, bu = cfg.batch_size, cfg.mu * cfg.batch_size
         x = torch.randint(0, 256, (max(bu, cfg.attack_batch, 1024), *shape), dtype=torch.uint8, device=device)
         y = torch.randint(0, k, (len(x),), device=device)
-        opt_a, opt = sgd(model.parameters(), 1e-3, cfg), sgd(net.parameters(), 1e-3, cfg)
         weights = exit_weights(len(net.exits) + 1)
 
-        def attack_step():
-            model.train()
-            opt_a.zero_grad(set_to_none=True)
-            supervised_forward(model, random_crop_flip(x[:cfg.attack_batch]), y[:cfg.attack_batch], cfg, device).backward()
-            opt_a.step()
+        def training_step(module: nn.Module, loss):
+            """One step of the loops' kind: loss() -> the step's loss, then descend (own optimiser per kind)."""
+            opt = sgd(module.parameters(), 1e-3, cfg)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+            return lambda: descend(opt, sched, loss(module.train()))
 
-        def sad_step():
-            net.train()
-            opt.zero_grad(set_to_none=True)
-            sad_forward(net, random_crop_flip(x[:b]), y[:b], weights, cfg, device)[0].backward()
-            opt.step()
-
-        def ssl_step():
-            net.train()
-            opt.zero_grad(set_to_none=True)
-            u = x[:bu]
-            ssl_forward(net, random_crop_flip(x[:b]), y[:b], random_crop_flip(u), strong_augment(u), weights, cfg,
-                        device)[0].backward()
-            opt.step()
+        attack_step = training_step(model, lambda m: supervised_forward(
+            m, random_crop_flip(x[:cfg.attack_batch]), y[:cfg.attack_batch], cfg, device))
+        sad_step = training_step(net, lambda m: sad_forward(m, random_crop_flip(x[:b]), y[:b], weights, cfg, device)[0])
+        ssl_step = training_step(net, lambda m: ssl_forward(m, random_crop_flip(x[:b]), y[:b], random_crop_flip(x[:bu]),
+                                                            strong_augment(x[:bu]), weights, cfg, device)[0])
 
         n_eval = lambda epochs: sum(evaluation_due(e, epochs, cfg.eval_every) for e in range(1, epochs + 1))
         eval_s = time_step(lambda: accuracy(model, x[:1024], y[:1024], device, cfg.channels_last), device, 1) / 1024
-        eval_set = (counts.get("test", 0) + counts.get("backdoor_test", counts.get("test", 0))) * eval_s
-        steps_ssl = ssl_schedule(counts.get("unlabelled", 0), cfg)[1] if counts.get("unlabelled", 0) else 0
-        est = {"attack": cfg.attack_epochs * math.ceil(counts.get("train", 0) / cfg.attack_batch) * time_step(attack_step, device)
+        eval_set = (counts["test"] + counts["backdoor_test"]) * eval_s
+        steps_ssl = ssl_schedule(counts["unlabelled"], cfg)[1] if counts["unlabelled"] else 0
+        est = {"attack": cfg.attack_epochs * math.ceil(counts["train"] / cfg.attack_batch) * time_step(attack_step, device)
                if train_attacker and cfg.attack_epochs else 0.0,
                "sad": cfg.sad_epochs * math.ceil(counts["clean"] / b) * time_step(sad_step, device) if cfg.sad_epochs else 0.0,
                "ssl": steps_ssl * time_step(ssl_step, device) if steps_ssl else 0.0}
@@ -1407,7 +1398,7 @@ def start_line(cfg: Config, est: dict[str, float], device: torch.device, shape: 
     total = sum(est.values())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    parts = ", ".join(f"{k} {fmt_s(v)}" for k, v in est.items() if v)
+    parts = ", ".join(f"{stage} {fmt_s(s)}" for stage, s in est.items() if s)
     line = (f"ftt: device {device} ({name}) | estimated {fmt_s(total)} for the whole run ({parts}; from timed steps"
             f"{' without torch.compile time' if cfg.compile else ''})")
     if total > 3600:

@@ -295,7 +295,7 @@ PY
     for r in badnets-s0 blended-s0; do
       for ema in 0.999 0; do
         cell "$dir/$r/ema$ema" ftt.py --dataset cifar10 --data-root "${DATA_ROOT:-./data}" --arch wrn16-1 --attack "${r%-s0}" \
-          --seed 0 --model "$src/$r/ftt/backdoored.pt" --ssl-epochs 20 --ema "$ema" --quiet "$@"
+          --seed 0 --model "$src/$r/ftt/backdoored.pt" --ssl-epochs 20 --ema "$ema" --eval-every 1 --quiet "$@"
       done
     done
     table "20 SSL passes, EMA 0.999 and none" "$dir"/*/*/results.json | tee "$dir/table.md"
