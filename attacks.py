@@ -61,6 +61,62 @@ def badnets(x: Tensor, size: int = 3) -> Tensor:
     return out
 
 
+def patch(x: Tensor, rgba: Tensor) -> Tensor:
+    """A patch trigger given as an image with alpha: rgba (C + 1, H, W) uint8, the colour channels then
+    alpha a. Each pixel becomes (a p + (255 - a) x) / 255: a = 255 pastes p, a = 0 keeps x, values between
+    blend. uint8 images are rounded to the nearest integer, exactly: (v + 127) // 255 = round(v / 255),
+    since v / 255 is never a half for integer v. BadNets is the white 3x3 square of a = 255."""
+    if rgba.dtype != torch.uint8 or rgba.dim() != 3 or rgba.shape[0] != x.shape[-3] + 1 or rgba.shape[1:] != x.shape[-2:]:
+        raise ValueError(f"patch trigger: rgba must be uint8 (C + 1, H, W) = ({x.shape[-3] + 1}, {x.shape[-2]}, "
+                         f"{x.shape[-1]}) for these images, got {rgba.dtype} {tuple(rgba.shape)}")
+    rgba = rgba.to(x.device)
+    p, a = rgba[:-1].int(), rgba[-1:].int()
+    if x.dtype == torch.uint8:
+        return ((a * p + (255 - a) * x.int() + 127) // 255).to(torch.uint8)
+    a = a.float() / 255
+    return a * (p.float() / 255) + (1 - a) * x
+
+
+def grid_rgba(channels: int, h: int, w: int, size: int = 3) -> Tensor:
+    """A size x size black-and-white checkerboard in the bottom-right corner, white where the row and
+    column within it have an even sum, as an rgba (channels + 1, H, W) for `patch`: the 3x3 "grid" trigger
+    of many published BadNets models. Opaque on the square, transparent elsewhere."""
+    rgba = torch.zeros(channels + 1, h, w, dtype=torch.uint8)
+    i = torch.arange(size)
+    rgba[:channels, -size:, -size:] = ((i[:, None] + i[None, :]) % 2 == 0).to(torch.uint8) * 255
+    rgba[channels, -size:, -size:] = 255
+    return rgba
+
+
+def write_trigger_png(rgba: Tensor, path: str | Path) -> None:
+    """rgba (C + 1, H, W) uint8 -> a PNG with alpha (RGBA for C = 3, LA for C = 1)."""
+    from PIL import Image  # torchvision's own image dependency
+    mode = {2: "LA", 4: "RGBA"}.get(rgba.shape[0])
+    if mode is None or rgba.dtype != torch.uint8:
+        raise ValueError(f"a trigger PNG needs uint8 (2 or 4, H, W), got {rgba.dtype} {tuple(rgba.shape)}")
+    h, w = rgba.shape[1:]
+    Image.frombytes(mode, (w, h), bytes(rgba.permute(1, 2, 0).flatten().tolist())).save(path)
+
+
+def read_trigger_png(path: str | Path, channels: int, size: tuple[int, int]) -> Tensor:
+    """A trigger image with alpha -> rgba (channels + 1, H, W) uint8 for `patch`. A file without alpha
+    would paste a whole opaque image, so it is refused; so is one of another size than the inputs."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            if "A" not in im.getbands() and "transparency" not in im.info:
+                raise ValueError(f"{path} has no alpha channel ({im.mode}); alpha marks the trigger's pixels")
+            im = im.convert("RGBA" if channels == 3 else "LA")
+            w, h = im.size
+            rgba = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(h, w, channels + 1)
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"{path} is not a readable image ({type(e).__name__})") from None
+    if (h, w) != tuple(size):
+        raise ValueError(f"{path} is {h}x{w}; the inputs are {size[0]}x{size[1]} (the trigger image covers the "
+                         f"whole input, transparent outside the trigger)")
+    return rgba.permute(2, 0, 1).contiguous()
+
+
 def blend_pattern(shape: tuple[int, int, int], seed: int = 0) -> Tensor:
     """Blended's key image p: (C, H, W) uniform noise in [0, 1] from a fixed seed.
     Chen et al. 2017 used Hello Kitty or random noise; the image cannot be shipped, noise can."""

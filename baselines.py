@@ -1,6 +1,7 @@
 """The four defences FTT is compared with (Table 1): fine-tuning, fine-pruning, NAD and ANP.
 
     python baselines.py --method nad --model runs/x/backdoored.pt [the ftt.py flags of that run] --out runs/x/nad
+    python baselines.py --method ft,fp,nad,anp --model ... --out runs/x    (runs/x/ft, ...: the data read once)
 
 Every method starts from the same backdoored checkpoint (--model), gets the same clean subset (ftt's
 poisoning and defender split, rebuilt from the same flags and seed), trains with the same budget as SAD
@@ -56,7 +57,7 @@ def holdout_split(n: int, share: float, seed: int, device) -> tuple[Tensor, Tens
 def fine_tune(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, device: torch.device,
               monitor: ftt.Monitor, stage: str = "ft") -> nn.Module:
     ftt.train_supervised(model, lambda e: (x, y), cfg.sad_epochs, cfg.sad_lr, cfg.batch_size, cfg, device,
-                         stage, monitor)
+                         stage, monitor, schedule=ftt.SCHEDULES[cfg.sad_schedule])
     return model
 
 
@@ -130,7 +131,7 @@ def nad(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, de
     betas = b.nad_betas[-len(model.stages):]
     opt = ftt.sgd(model.parameters(), cfg.sad_lr, cfg)
     steps = math.ceil(len(x) / cfg.batch_size)
-    sched = ftt.cosine(opt, cfg.sad_epochs * steps)
+    sched = ftt.SCHEDULES[cfg.sad_schedule](opt, cfg.sad_epochs * steps)
     prog = ftt.Progress("nad", cfg.sad_epochs, len(x), monitor)
     for epoch in range(1, cfg.sad_epochs + 1):
         model.train()
@@ -266,32 +267,47 @@ def anp(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, de
                                         "held_out_acc_unpruned": base, "held_out": hold}
 
 
-# ------------------------------------------------------------------ one cell: a method on one backdoored model
+# ------------------------------------------------------------------ cells: methods on one backdoored model
 
-def run(cfg: ftt.Config, b: Baseline) -> dict:
-    if b.method not in METHODS:
-        raise ftt.ConfigError(f"--method: {b.method!r} is not one of {', '.join(METHODS)}")
+def prepare(cfg: ftt.Config) -> dict:
+    """What every method of a row shares, made once per process: the data (read, poisoned, split: as ftt.py
+    makes it from the same flags), the evaluation, and the backdoored --model."""
     if not cfg.model:
         raise ftt.ConfigError("--model: a baseline needs the backdoored checkpoint it defends (ftt.py's backdoored.pt)")
     ftt.validate(cfg)
     t0 = time.time()
     device = ftt.pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    d = ftt.own_data(cfg) if cfg.clean_dir else ftt.benchmark_data(cfg, device)
+    d = ftt.load_data(cfg, device)
     x_l, y_l = d["x_l"].to(device), d["y_l"].to(device)
     x_te, y_te, x_bd, y_bd = (d[n].to(device) for n in ("x_test", "y_test", "x_bd", "y_bd"))
+    torch.manual_seed(cfg.seed)
+    model, read = ftt.suspect_model(cfg, x_l.shape[1], d["num_classes"])
+    print(ftt.model_line(cfg, read), flush=True)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     evaluate = lambda m: (ftt.accuracy(m, x_te, y_te, device, cfg.channels_last),
                           ftt.accuracy(m, x_bd, y_bd, device, cfg.channels_last))
+    return {"device": device, "d": d, "x_l": x_l, "y_l": y_l, "evaluate": evaluate, "model": model, "read": read,
+            "before": ftt.measured(evaluate(model)), "rng": torch.get_rng_state(), "data_s": time.time() - t0}
+
+
+def run(cfg: ftt.Config, b: Baseline, prep: dict | None = None) -> dict:
+    """One method on the backdoored model -> results.json in cfg.out. With `prep` (from `prepare`, same flags)
+    nothing is read or poisoned again; the method starts from the same weights and RNG state either way."""
+    if b.method not in METHODS:
+        raise ftt.ConfigError(f"--method: {b.method!r} is not one of {', '.join(METHODS)}")
+    prep = prep or prepare(cfg)
+    t0 = time.time()
+    device, x_l, y_l, evaluate = prep["device"], prep["x_l"], prep["y_l"], prep["evaluate"]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "log.jsonl").unlink(missing_ok=True)
     monitor = ftt.Monitor(evaluate, cfg.eval_every, out / "log.jsonl", cfg.quiet)
-    torch.manual_seed(cfg.seed)
-    model = ftt.build_backbone(cfg.arch, x_l.shape[1], d["num_classes"]).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ftt.load_backbone(cfg.model, model, cfg.arch)
-    results = {"before": ftt.measured(evaluate(model))}
+    model = copy.deepcopy(prep["model"])
+    torch.set_rng_state(prep["rng"])
+    results = {"before": prep["before"]}
     info = {}
     if b.method == "ft":
         fine_tune(model, x_l, y_l, cfg, device, monitor)
@@ -305,14 +321,28 @@ def run(cfg: ftt.Config, b: Baseline) -> dict:
         info = {"pruned_neurons": info["pruned"], "neurons": info["neurons"], "held_out_acc": info["held_out_acc"],
                 "held_out_acc_unpruned": info["held_out_acc_unpruned"]}
     results["after"] = ftt.measured(evaluate(model))
+    d = prep["d"]
     report = {"method": b.method, "baseline": dataclasses.asdict(b), "config": dataclasses.asdict(cfg),
-              "results": results, "info": info, "trigger": d["trigger"], "counts": d["counts"],
-              "timings": {"total_s": time.time() - t0}, "versions": ftt.versions(), "argv": sys.argv}
+              "results": results, "info": info, "model": prep["read"], "trigger": d["trigger"], "counts": d["counts"],
+              "timings": {"total_s": time.time() - t0, "data_s": prep["data_s"]}, "versions": ftt.versions(),
+              "argv": sys.argv}
     ftt.save_atomic_text(json.dumps(report, indent=1), out / "results.json")
     r = results
     print(f"{b.method}: ASR {r['before']['asr']:.2f} -> {r['after']['asr']:.2f}, ACC {r['before']['acc']:.2f} -> "
           f"{r['after']['acc']:.2f} ({report['timings']['total_s'] / 60:.1f} min) -> {out / 'results.json'}", flush=True)
     return report
+
+
+def run_methods(cfg: ftt.Config, b: Baseline, methods: list[str]) -> list[dict]:
+    """Several methods in one process, the data read and poisoned once: method m writes cfg.out/m; one whose
+    results.json exists is skipped (a rerun finishes a row)."""
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ftt.ConfigError(f"--method: {', '.join(bad)} not in {', '.join(METHODS)}")
+    todo = [m for m in methods if not (Path(cfg.out) / m / "results.json").exists()]
+    prep = prepare(cfg) if todo else None
+    return [run(dataclasses.replace(cfg, out=str(Path(cfg.out) / m)), dataclasses.replace(b, method=m), prep)
+            for m in todo]
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -322,8 +352,12 @@ def cli(argv: list[str] | None = None) -> int:
         if kind:
             ap.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default)
     known, rest = ap.parse_known_args(argv)
+    b = Baseline(**vars(known))
     try:
-        run(ftt.parse_args(rest), Baseline(**vars(known)))
+        if "," in b.method:  # --method ft,fp,nad,anp --out DIR (or "ft,"): DIR/ft, DIR/fp, ..., the data read once
+            run_methods(ftt.parse_args(rest), b, [m for m in b.method.split(",") if m])
+        else:
+            run(ftt.parse_args(rest), b)
     except (ftt.DataError, ftt.ConfigError) as e:
         print(f"baselines: {e}", file=sys.stderr)
         return 2

@@ -17,8 +17,12 @@ BadNets, 2 CPU cores, 8 min: ASR 99.99 -> 1.93 (SAD) -> 2.29 (SAD+SSL), ACC 92.1
 On an H100 with PreActResNet-18: ASR 100 -> 1.23 -> 1.97, ACC 94.09 -> 91.27 -> 90.91. The backdoor
 goes; the paper's accuracy gain from SSL did not appear with these short budgets.
 
-Layout, top to bottom: config, device, data, backbones, early exits, eq. (1)-(7), augmentations,
-training (backdoored model), stage 1 (SAD), stage 2 (SSL), evaluation, triggers, main, CLI.
+A model from elsewhere: `--model FILE` reads published CIFAR layouts (WideResNet-pytorch, pytorch-cifar's
+PreActResNet-18 and ResNet-50) inside any of the usual wrappers, `--normalize` gives it the inputs it was
+trained on, and `--attack patch --trigger FILE.png` or `--backdoor-dir DIR` measures ASR with its own trigger.
+
+Layout, top to bottom: config, device, checkpoints from elsewhere, data, backbones, early exits, eq. (1)-(7),
+augmentations, training (backdoored model), stage 1 (SAD), stage 2 (SSL), evaluation, triggers, main, CLI.
 """
 from __future__ import annotations
 
@@ -54,6 +58,12 @@ Tensor = torch.Tensor
 # Config
 # ================================================================================================
 DATASETS = ("cifar10", "cifar100", "fashion-mnist")
+ATTACK_CHOICES = attacks.ATTACKS + ("patch", "none")
+# --normalize presets: (mean, std) per channel, as published backdoor code normalises its inputs
+# (BackdoorBench and WaNet for CIFAR; torchvision's ImageNet figures)
+NORMALIZE_PRESETS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)),
+                     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+                     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 ARCHS = ("preact18", "wrn16-1", "resnet50")
 
 
@@ -62,8 +72,12 @@ class Config:
     """Every knob of a run. Defaults: the paper's CIFAR-10 / PreActResNet-18 setting."""
     dataset: str = field(default="cifar10", metadata={"choices": DATASETS, "help": "training and test data"})
     arch: str = field(default="preact18", metadata={"help": "backbone: preact18, resnet50 or wrnD-K (wrn16-1 is the paper's)"})
-    attack: str = field(default="badnets", metadata={"choices": attacks.ATTACKS + ("none",),
-                                                     "help": "backdoor attack (none: only with --clean-dir, no ASR)"})
+    attack: str = field(default="badnets", metadata={"choices": ATTACK_CHOICES,
+                                                     "help": "backdoor attack; patch: the --trigger PNG; none: with "
+                                                             "--model only, the pool is not poisoned (ASR from "
+                                                             "--backdoor-dir, if given)"})
+    trigger: str = field(default="", metadata={"help": "--attack patch: a PNG with alpha of the input size; alpha marks "
+                                                       "the trigger's pixels and blends below 255"})
     poison_rate: float = field(default=0.1, metadata={"help": "share of the whole training set poisoned (BackdoorBench: 0.1)"})
     target: int = field(default=0, metadata={"help": "all-to-one target class"})
     clean_ratio: float = field(default=0.05, metadata={"help": "defender's clean labelled share of the training set (paper: 5%%)"})
@@ -78,10 +92,16 @@ class Config:
     reference_epochs: int = field(default=10, metadata={"help": "epochs of the clean reference model (Trojan, Low-Frequency, ATTEQ-NN)"})
     reference_model: str = field(default="", metadata={"help": "a clean --arch state_dict to fit Trojan / Low-Frequency / "
                                                                "ATTEQ-NN on, instead of training one"})
-    # stage 1: SAD. NAD's recipe: 20 epochs from lr 0.1 on 5% of CIFAR-10 (lr 0.01, the earlier default, left a
-    # third party's real CIFAR-10 backdoor at ASR 99.9: issue 12). The baselines get the same budget.
+    # stage 1: SAD. NAD's released recipe (utils/util.py, config.py): 20 epochs on 5% of CIFAR-10, lr 0.1 for the
+    # first 2 epochs, then 0.01. lr 0.01 throughout (an earlier default) left a third party's real CIFAR-10 backdoor
+    # at ASR 99.9 (issue 12); cosine from 0.1 (the next one) removed it but cost 6-7 points of ACC. FT and NAD get
+    # the same budget and schedule.
     sad_epochs: int = field(default=20, metadata={"help": "stage 1 epochs over the clean subset"})
-    sad_lr: float = field(default=0.1, metadata={"help": "stage 1 SGD lr (cosine to 0)"})
+    sad_lr: float = field(default=0.1, metadata={"help": "stage 1 SGD lr (see --sad-schedule)"})
+    sad_schedule: str = field(default="cosine", metadata={"choices": ("cosine", "nad"),
+                                                          "help": "stage 1 lr schedule, also FT's and NAD's: cosine "
+                                                                  "to 0, or nad (NAD's released code: the full lr "
+                                                                  "for the first 10%% of the epochs, then a tenth)"})
     # stage 2: SSL. FixMatch: lr 0.03, Nesterov, t 0.95, mu 7, EMA 0.999; its 2^20 steps are far beyond this budget.
     # 5 passes keep SAD + SSL on WRN-16-1 / CIFAR-10 near 15 minutes on 2 CPU cores.
     ssl_epochs: int = field(default=5, metadata={"help": "stage 2 epochs, each one pass over the unlabelled pool"})
@@ -106,7 +126,14 @@ class Config:
     data_root: str = field(default="./data", metadata={"help": "where datasets are read from or downloaded to"})
     out: str = field(default="runs/ftt", metadata={"help": "results JSON and purified backbone go here"})
     cache: str = field(default="./cache", metadata={"help": "fitted triggers and reference models are cached here"})
-    model: str = field(default="", metadata={"help": "backdoored backbone state_dict to purify (skips backdoored training)"})
+    model: str = field(default="", metadata={"help": "backdoored model to purify (skips backdoored training): our "
+                                                     "state_dict, or WideResNet-pytorch's, pytorch-cifar's PreActResNet-18 "
+                                                     "or ResNet-50's, bare or under state_dict / model / net"})
+    normalize: str = field(default="", metadata={"help": "inputs the model expects: MEAN,STD (one of each, or C of "
+                                                         "each), or a preset: " + ", ".join(NORMALIZE_PRESETS)
+                                                         + "; applied inside the backbone in every stage"})
+    backdoor_dir: str = field(default="", metadata={"help": "with --model: triggered test images (any layout), all "
+                                                            "counted as --target for ASR, instead of our trigger's"})
     overwrite: bool = field(default=False, metadata={"help": "allow an --out that already holds results or a checkpoint"})
     resume: bool = field(default=False, metadata={"help": "continue the killed run in --out from its last finished epoch"})
     # your own data instead of --dataset (with --model): ImageFolder layout, one folder per class index
@@ -161,7 +188,7 @@ class ConfigError(Exception):
 
 def validate(cfg: Config) -> None:
     """Refuse impossible settings before any data is read or anything is written."""
-    choices = {"dataset": DATASETS, "arch": ARCHS, "attack": attacks.ATTACKS + ("none",)}
+    choices = {"dataset": DATASETS, "arch": ARCHS, "attack": ATTACK_CHOICES}
     for name, allowed in choices.items():
         wrn = name == "arch" and re.fullmatch(r"wrn(\d+)-(\d+)", cfg.arch) and (int(cfg.arch[3:].split("-")[0]) - 4) % 6 == 0
         if getattr(cfg, name) not in allowed and not wrn:
@@ -185,7 +212,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} must be > 0")
     if cfg.target < 0:
         raise ConfigError(f"--target: {cfg.target} must be a class index >= 0")
-    for name in ("model", "reference_model"):
+    for name in ("model", "reference_model", "trigger"):
         path = getattr(cfg, name)
         if path and not Path(path).is_file():
             raise ConfigError(f"--{name.replace('_', '-')}: {path} is not a readable file")
@@ -203,8 +230,17 @@ def validate(cfg: Config) -> None:
     if cfg.clean_dir and cfg.attack in attacks.FITTED:
         raise ConfigError(f"--attack: {cfg.attack} is fitted to the attacker's own model, so its ASR cannot be measured "
                           f"on your data; with --clean-dir use badnets, blended, wanet or none")
-    if cfg.attack == "none" and not cfg.clean_dir:
-        raise ConfigError("--attack: none is allowed only with --clean-dir (your own data, ASR not measured)")
+    if cfg.attack == "none" and not cfg.model:
+        raise ConfigError("--attack: none needs --model, the model to purify (there is no attack to backdoor one with)")
+    if cfg.attack == "patch" and not cfg.trigger:
+        raise ConfigError("--attack: patch needs --trigger FILE.png (an image with alpha of the input size)")
+    if cfg.trigger and cfg.attack != "patch":
+        raise ConfigError(f"--trigger: only with --attack patch (here --attack {cfg.attack})")
+    if cfg.backdoor_dir and not Path(cfg.backdoor_dir).is_dir():
+        raise ConfigError(f"--backdoor-dir: {cfg.backdoor_dir} is not a readable folder")
+    if cfg.backdoor_dir and not cfg.model:
+        raise ConfigError("--backdoor-dir: needs --model (a run that trains its own attacker measures ASR with its trigger)")
+    normalization(cfg.normalize)  # its syntax; the channel count is checked once the data is read
     out = Path(cfg.out)
     if cfg.resume and (out / "results.json").exists():
         raise ConfigError(f"--resume: {out} holds results.json, the run finished; nothing to resume")
@@ -221,27 +257,177 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--out: {out} cannot be written ({probe} is not a writable folder)")
 
 
-def load_backbone(path: str | Path, model: nn.Module, arch: str, flag: str = "--model") -> nn.Module:
-    """Load a plain state_dict into `model`, never running code: torch.load(weights_only=True)
-    refuses pickled objects. Any mismatch with `model` becomes one ConfigError line naming `flag`."""
+# ================================================================================================
+# Checkpoints from elsewhere (--model): wrappers, prefixes, and the key layouts of published CIFAR code
+# ================================================================================================
+
+@dataclass(frozen=True)
+class Layout:
+    """A published model's state_dict names. `rules` rename our keys into the file's, in order (re.sub),
+    starting from our keys with the head's BatchNorm called head.bn and its Linear head.fc. A file is in
+    this layout when its keys are exactly our renamed keys for --arch (so nothing is guessed)."""
+    source: str
+    arch: str  # a regex over --arch
+    rules: tuple = ()
+
+
+def group(prefix: str):
+    """A rule's replacement: our stages.N. -> prefix with N + 1 (published code counts its groups from 1)."""
+    return lambda m: prefix.format(int(m[1]) + 1)
+
+
+# pytorch-cifar's ResNet (models/resnet.py): 3x3 conv1 + bn1, no max-pool, layerN.i.{conv,bn}{1,2,3}, shortcut.{0,1}
+RESNET_RULES = ((r"^stem\.0\.", "conv1."), (r"^stem\.1\.", "bn1."), (r"^stages\.(\d+)\.", group("layer{}.")),
+                *((rf"\.body\.{i}\.", f".{name}.") for i, name in
+                  ((0, "conv1"), (1, "bn1"), (3, "conv2"), (4, "bn2"), (6, "conv3"), (7, "bn3"))))
+
+
+LAYOUTS = {
+    "ftt": Layout("this repo's own backbones (ftt.py)", r".*"),
+    # xternalz/WideResNet-pytorch (wideresnet.py), copied by NAD and much backdoor code. Its BasicBlock
+    # feeds convShortcut relu(bn1(x)) when the widths differ and adds x itself when they match: our
+    # PreActBlock's rule, since a WRN changes width exactly where it has a shortcut conv.
+    "wideresnet-pytorch": Layout("xternalz/WideResNet-pytorch, as in NAD", r"wrn\d+-\d+", (
+        (r"^stem\.", "conv1."), (r"^stages\.(\d+)\.", group("block{}.layer.")), (r"\.shortcut\.", ".convShortcut."),
+        (r"^head\.bn\.", "bn1."), (r"^head\.fc\.", "fc."))),
+    # kuangliu/pytorch-cifar's PreActResNet18, as in BackdoorBench and WaNet: no BatchNorm after layer4
+    # (read as our head_bn=False). Forks that add one name it bn.
+    "preact-resnet": Layout("pytorch-cifar's PreActResNet18, as in BackdoorBench and WaNet", r"preact18", (
+        (r"^stem\.", "conv1."), (r"^stages\.(\d+)\.", group("layer{}.")), (r"\.shortcut\.weight$", ".shortcut.0.weight"),
+        (r"^head\.bn\.", "bn."), (r"^head\.fc\.", "linear."))),
+    "resnet-cifar": Layout("pytorch-cifar's ResNet50 (3x3 stem)", r"resnet50", RESNET_RULES + ((r"^head\.fc\.", "linear."),)),
+    # the same CIFAR ResNet-50 with torchvision's names (downsample, fc); torchvision's own ImageNet ResNet-50 has
+    # a 7x7 stem and a max-pool, and fails the shape check at conv1.weight
+    "resnet-torchvision-names": Layout("a CIFAR ResNet-50 with torchvision's key names", r"resnet50",
+                                       RESNET_RULES + ((r"\.shortcut\.", ".downsample."), (r"^head\.fc\.", "fc."))),
+}
+WRAPPERS = ("state_dict", "model", "net")  # {"state_dict": ...} etc., as training scripts save them
+PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
+
+
+def layout_keys(model: nn.Module, layout: str) -> dict[str, str]:
+    """Our backbone's state_dict keys -> the names `layout` gives them (the map that --model inverts)."""
+    rules = LAYOUTS[layout].rules
+    last = len(model.head) - 1
+    out = {}
+    for k in model.state_dict():
+        name = k
+        if rules:
+            name = re.sub(r"^head\.0\.", "head.bn.", re.sub(rf"^head\.{last}\.", "head.fc.", k))
+            for pattern, repl in rules:
+                name = re.sub(pattern, repl, name)
+        out[k] = name
+    return out
+
+
+def unwrap_state(obj, flag: str, path) -> tuple[dict[str, Tensor], dict]:
+    """A loaded checkpoint -> (plain state_dict, how it was wrapped): WRAPPERS nested up to twice, then
+    one of PREFIXES stripped when every key has it."""
+    how = {"wrapper": [], "prefix": ""}
+    for _ in range(3):
+        if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+            break
+        key = next((w for w in WRAPPERS if isinstance(obj, dict) and isinstance(obj.get(w), dict)), None)
+        if key is None:
+            kind = f"a dict with keys {list(obj)[:6]}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+            raise ConfigError(f"{flag}: {path} holds {kind}, not a state_dict of tensors (nor one under "
+                              f"{', '.join(repr(w) for w in WRAPPERS)})")
+        how["wrapper"].append(key)
+        obj = obj[key]
+    else:
+        raise ConfigError(f"{flag}: {path}: no state_dict of tensors under {' -> '.join(how['wrapper'])}")
+    for prefix in PREFIXES:
+        if all(k.startswith(prefix) for k in obj):
+            obj, how["prefix"] = {k[len(prefix):]: v for k, v in obj.items()}, how["prefix"] + prefix
+    return obj, how
+
+
+def load_model(path: str | Path, arch: str, in_channels: int, num_classes: int,
+               flag: str = "--model") -> tuple[nn.Module, dict]:
+    """Build --arch and load a checkpoint into it, never running code: torch.load(weights_only=True)
+    refuses pickled objects. Reads any of WRAPPERS and PREFIXES and any of LAYOUTS that matches --arch
+    key for key; anything else is one ConfigError line naming `flag`. -> (model, what was read)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for code, others for a corrupt file
         raise ConfigError(f"{flag}: {path} is not a plain tensor state_dict ({type(e).__name__}); "
                           f"refused without running anything in it") from None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ConfigError(f"{flag}: {path} holds a {type(state).__name__}, not a state_dict of tensors")
-    want = model.state_dict()
-    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    if missing or extra:
-        raise ConfigError(f"{flag}: not a --arch {arch} state_dict ({len(missing)} keys missing, e.g. "
-                          f"{missing[:1]}, {len(extra)} unexpected, e.g. {extra[:1]})")
-    for k, v in want.items():
-        if state[k].shape != v.shape:
-            raise ConfigError(f"{flag}: {k} has shape {tuple(state[k].shape)}, --arch {arch} here expects "
-                              f"{tuple(v.shape)} (check --dataset: input channels and class count)")
-    model.load_state_dict(state)
-    return model
+    state, how = unwrap_state(obj, flag, path)
+    variants = (True, False) if arch == "preact18" else (True,)  # with and without the head's BatchNorm
+    tried = []
+    for head_bn in variants:
+        model = build_backbone(arch, in_channels, num_classes, head_bn)
+        for name, layout in LAYOUTS.items():
+            if not re.fullmatch(layout.arch, arch):
+                continue
+            names = layout_keys(model, name)
+            theirs = set(names.values())
+            if theirs == set(state):
+                shapes = {k: v.shape for k, v in model.state_dict().items()}
+                for ours, key in names.items():
+                    want = shapes[ours]
+                    if state[key].shape != want:
+                        raise ConfigError(f"{flag}: {key} has shape {tuple(state[key].shape)}, --arch {arch} here "
+                                          f"expects {tuple(want)} (check --dataset: input channels and class count)")
+                model.load_state_dict({ours: state[key] for ours, key in names.items()})
+                info = {"layout": name, "source": layout.source, **how, "tensors": len(state), "arch": arch}
+                if not head_bn:
+                    info["head"] = "no BatchNorm before pooling"
+                return model, info
+            tried.append((len(theirs ^ set(state)), name, sorted(theirs - set(state)), sorted(set(state) - theirs)))
+    known = ", ".join(n for n, l in LAYOUTS.items() if re.fullmatch(l.arch, arch))
+    _, near, missing, extra = min(tried)
+    eg = lambda keys: f" (e.g. {keys[0]})" if keys else ""
+    raise ConfigError(f"{flag}: not a --arch {arch} checkpoint in a known layout ({known}); first keys "
+                      f"{list(state)[:3]}; closest {near}: {len(missing)} keys missing{eg(missing)}, "
+                      f"{len(extra)} unexpected{eg(extra)}")
+
+
+def export_layout(model: nn.Module, layout: str) -> dict[str, Tensor]:
+    """Our backbone's state_dict with `layout`'s names: to hand a purified model back to code of that layout."""
+    names = layout_keys(model, layout)
+    return {names[k]: v for k, v in model.state_dict().items()}
+
+
+def normalization(spec: str, channels: int | None = None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """--normalize: a preset name, or MEAN,STD numbers (one of each, or one per channel: all means, then all
+    stds) -> (mean, std) with `channels` entries each; None for no normalisation."""
+    if not spec:
+        return None
+    if spec in NORMALIZE_PRESETS:
+        mean, std = NORMALIZE_PRESETS[spec]
+    else:
+        try:
+            v = tuple(float(t) for t in spec.split(","))
+        except ValueError:
+            v = ()
+        if not v or len(v) % 2:
+            raise ConfigError(f"--normalize: {spec!r} is neither a preset ({', '.join(NORMALIZE_PRESETS)}) nor "
+                              f"MEAN,STD numbers (one of each, or one per channel)")
+        mean, std = v[:len(v) // 2], v[len(v) // 2:]
+    if not all(s > 0 for s in std):
+        raise ConfigError(f"--normalize: std {std} must be > 0")
+    if channels is None:
+        return mean, std
+    if len(mean) == 1:
+        mean, std = mean * channels, std * channels
+    if len(mean) != channels:
+        raise ConfigError(f"--normalize: {spec} has {len(mean)} channels, the images have {channels}")
+    return mean, std
+
+
+def suspect_model(cfg: Config, in_channels: int, num_classes: int) -> tuple[nn.Module, dict]:
+    """The model to defend: --model read in any known layout (else a fresh --arch backbone for the attacker
+    to train), with --normalize inside it. -> (model on the CPU, what was read and applied)."""
+    if cfg.model:
+        model, info = load_model(cfg.model, cfg.arch, in_channels, num_classes)
+    else:
+        model, info = build_backbone(cfg.arch, in_channels, num_classes), {}
+    norm = normalization(cfg.normalize, in_channels)
+    if norm:
+        model.normalize = Normalize(*norm)
+        info["normalize"] = {"mean": list(norm[0]), "std": list(norm[1])}
+    return model, info
 
 
 def read_cifar_batches(files: list[Path], label_key: str) -> tuple[Tensor, Tensor]:
@@ -369,9 +555,34 @@ def export_image_folder(x: Tensor, y: Tensor, root: str | Path, num_classes: int
 
 
 # ================================================================================================
-# Backbones, CIFAR style. Each has .stem, .stages (exits attach after each but the last) and
-# .head (ends in nn.Linear), and forward(x) = head(stages(stem(x))). Input: float (B, C, H, W) in [0, 1].
+# Backbones, CIFAR style. Each has .normalize, .stem, .stages (exits attach after each but the last)
+# and .head (ends in nn.Linear): forward(x) = head(stages(stem(normalize(x)))). Input: float
+# (B, C, H, W) in [0, 1]; .normalize is the identity unless the model expects normalised inputs.
 # ================================================================================================
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, for models trained on normalised inputs (--normalize). mean and std
+    are buffers that are not saved (persistent=False): the backbone's state_dict stays the plain model,
+    and results.json records the normalisation to use it with."""
+
+    def __init__(self, mean: tuple[float, ...] = (0.0,), std: tuple[float, ...] = (1.0,)):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.identity = all(m == 0 for m in mean) and all(v == 1 for v in std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x if self.identity else (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return "identity" if self.identity else f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+def stem_output(backbone: nn.Module, x: Tensor) -> Tensor:
+    """stem(normalize(x)); a backbone of your own without .normalize takes x as it is."""
+    norm = getattr(backbone, "normalize", None)
+    return backbone.stem(norm(x) if norm is not None else x)
+
 
 class PreActBlock(nn.Module):
     """Pre-activation basic block (He et al. 2016, Identity Mappings)."""
@@ -395,8 +606,12 @@ def classifier_head(channels: int, num_classes: int, preact: bool) -> nn.Sequent
 
 
 class PreActResNet18(nn.Module):
-    def __init__(self, in_channels: int = 3, num_classes: int = 10):
+    """head_bn: a BatchNorm + ReLU before the pooling (the pre-activation design's closing norm). Much published
+    backdoor code (BackdoorBench, WaNet, pytorch-cifar) pools the last block's sum directly: head_bn=False."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, head_bn: bool = True):
         super().__init__()
+        self.normalize = Normalize()
         self.stem = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
         widths, strides, c = (64, 128, 256, 512), (1, 2, 2, 2), 64
         stages = []
@@ -404,10 +619,10 @@ class PreActResNet18(nn.Module):
             stages.append(nn.Sequential(PreActBlock(c, w, s), PreActBlock(w, w, 1)))
             c = w
         self.stages = nn.ModuleList(stages)
-        self.head = classifier_head(c, num_classes, preact=True)
+        self.head = classifier_head(c, num_classes, preact=head_bn)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.stem(x)
+        x = stem_output(self, x)
         for stage in self.stages:
             x = stage(x)
         return self.head(x)
@@ -422,6 +637,7 @@ class WideResNet(nn.Module):
         if (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n + 4, got {depth}")
         n = (depth - 4) // 6
+        self.normalize = Normalize()
         self.stem = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         c, stages = 16, []
         for w, s in zip((16 * width, 32 * width, 64 * width), (1, 2, 2)):
@@ -431,7 +647,7 @@ class WideResNet(nn.Module):
         self.head = classifier_head(c, num_classes, preact=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.stem(x)
+        x = stem_output(self, x)
         for stage in self.stages:
             x = stage(x)
         return self.head(x)
@@ -457,6 +673,7 @@ class ResNet50(nn.Module):
 
     def __init__(self, in_channels: int = 3, num_classes: int = 100):
         super().__init__()
+        self.normalize = Normalize()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
         c, stages = 64, []
         for width, n, s in zip((64, 128, 256, 512), (3, 4, 6, 3), (1, 2, 2, 2)):
@@ -466,15 +683,15 @@ class ResNet50(nn.Module):
         self.head = classifier_head(c, num_classes, preact=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.stem(x)
+        x = stem_output(self, x)
         for stage in self.stages:
             x = stage(x)
         return self.head(x)
 
 
-def build_backbone(arch: str, in_channels: int, num_classes: int) -> nn.Module:
+def build_backbone(arch: str, in_channels: int, num_classes: int, head_bn: bool = True) -> nn.Module:
     if arch == "preact18":
-        return PreActResNet18(in_channels, num_classes)
+        return PreActResNet18(in_channels, num_classes, head_bn)
     if arch.startswith("wrn"):  # wrn16-1, wrn28-10, ...
         depth, width = arch[3:].split("-")
         return WideResNet(int(depth), int(width), in_channels, num_classes)
@@ -485,7 +702,7 @@ def build_backbone(arch: str, in_channels: int, num_classes: int) -> nn.Module:
 
 def stage_outputs(backbone: nn.Module, x: Tensor) -> list[Tensor]:
     """The output of every stage, shallow to deep; the last is F_D, what the head reads."""
-    h, feats = backbone.stem(x), []
+    h, feats = stem_output(backbone, x), []
     for stage in backbone.stages:
         h = stage(h)
         feats.append(h)
@@ -541,7 +758,7 @@ class Branched(nn.Module):
         was_training = backbone.training
         backbone.eval()
         with torch.no_grad():  # a dry run reads every stage's output shape
-            h = backbone.stem(torch.zeros(1, *image_shape, device=next(backbone.parameters()).device))
+            h = stem_output(backbone, torch.zeros(1, *image_shape, device=next(backbone.parameters()).device))
             shapes = []
             for stage in backbone.stages:
                 h = stage(h)
@@ -796,6 +1013,15 @@ def cosine(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_sched
 def step_decay(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """The common third-party recipe: the lr times 0.1 after half of the steps and again after three quarters."""
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 ** ((s >= total_steps // 2) + (s >= 3 * total_steps // 4)))
+
+
+def burst_decay(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """NAD's released schedule (utils/util.py, adjust_learning_rate): lr 0.1 for 2 of its 20 epochs, then 0.01.
+    Here: the full lr for the first 10% of the steps, then a tenth of it."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < round(0.1 * total_steps) else 0.1)
+
+
+SCHEDULES = {"cosine": cosine, "step": step_decay, "nad": burst_decay}
 
 
 def check_finite(loss: Tensor, stage: str, epoch: int, step: int) -> None:
@@ -1105,7 +1331,7 @@ def stage1_sad(net: Branched, x: Tensor, y: Tensor, cfg: Config, device: torch.d
     weights = exit_weights(len(net.exits) + 1)
     steps = math.ceil(len(x) / cfg.batch_size)
     opt = sgd(net.parameters(), cfg.sad_lr, cfg)
-    sched = cosine(opt, cfg.sad_epochs * steps)
+    sched = SCHEDULES[cfg.sad_schedule](opt, cfg.sad_epochs * steps)
     start, _ = ckpt.restore("sad", net, opt, sched) if ckpt else (1, {})
     prog = Progress("sad", cfg.sad_epochs, len(x), monitor, start)
     for epoch in range(start, cfg.sad_epochs + 1):
@@ -1192,9 +1418,10 @@ def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config
 def clean_reference(cfg: Config, x: Tensor, y: Tensor, num_classes: int, device: torch.device) -> nn.Module:
     """The attacker's clean model of cfg.arch: --reference-model when given, else trained
     cfg.reference_epochs on the clean training set and cached."""
-    model = build_backbone(cfg.arch, x.shape[1], num_classes).to(device)
     if cfg.reference_model:
-        return load_backbone(cfg.reference_model, model, cfg.arch, "--reference-model").eval().requires_grad_(False)
+        model = load_model(cfg.reference_model, cfg.arch, x.shape[1], num_classes, "--reference-model")[0]
+        return model.to(device).eval().requires_grad_(False)
+    model = build_backbone(cfg.arch, x.shape[1], num_classes).to(device)
     x, y = x.to(device), y.to(device)
     path = Path(cfg.cache) / f"reference_{cfg.dataset}_{cfg.arch}_e{cfg.reference_epochs}_n{len(x)}_s{cfg.seed}.pt"
     if path.exists():
@@ -1214,6 +1441,15 @@ def make_trigger(cfg: Config, x: Tensor, y: Tensor, num_classes: int, device: to
     a = cfg.attack
     if a == "badnets":
         return attacks.badnets, None, {"size": 3}
+    if a == "patch":
+        try:
+            rgba = attacks.read_trigger_png(cfg.trigger, c, (h, w))
+        except ValueError as e:
+            raise ConfigError(f"--trigger: {e}") from None
+        alpha = rgba[-1]
+        return (lambda im: attacks.patch(im, rgba)), None, {
+            "png": cfg.trigger, "sha256": hashlib.sha256(Path(cfg.trigger).read_bytes()).hexdigest(),
+            "pixels": int((alpha > 0).sum()), "opaque_pixels": int((alpha == 255).sum())}
     if a == "blended":
         pattern = attacks.blend_pattern((c, h, w), seed=cfg.seed)
         return (lambda im: attacks.blended(im, pattern, 0.2)), None, {"alpha": 0.2, "pattern": "uniform noise"}
@@ -1246,7 +1482,7 @@ def make_trigger(cfg: Config, x: Tensor, y: Tensor, num_classes: int, device: to
     if a == "atteq-nn":
         def fit():
             with torch.no_grad():  # mean A^2_sum of the first stage over clean images, at input size
-                att = torch.cat([attention_sum_p(ref.stages[0](ref.stem(to_input(fit_x[i:i + 500], False))))
+                att = torch.cat([attention_sum_p(ref.stages[0](stem_output(ref, to_input(fit_x[i:i + 500], False))))
                                  for i in range(0, len(fit_x), 500)]).mean(0)
                 att = F.interpolate(att[None, None], size=(h, w), mode="bilinear")[0, 0]
             mask = attacks.top_attention_mask(att, k=max(9, h * w // 32))
@@ -1290,15 +1526,19 @@ def benchmark_data(cfg: Config, device: torch.device) -> dict:
                           f"samples; only {n_free} of {len(x_train)} are untouched by the attack")
     print(f"ftt: {cfg.dataset} {tuple(x_train.shape)} train, {len(x_test)} test | {cfg.arch} | {cfg.attack} "
           f"rate {cfg.poison_rate} target {cfg.target} | device {device}", flush=True)
-    trigger, noise, how = make_trigger(cfg, x_train, y_train, k, device)
-    ps = attacks.poison(x_train, y_train, trigger, cfg.poison_rate, cfg.target, cfg.seed, noise,
-                        cross_ratio=2.0 if noise is not None else 0.0)
+    if cfg.attack == "none":  # purifying a --model: our pool stays clean; ASR only from --backdoor-dir
+        trigger, noise, how = (lambda im: im[:0]), None, {"attack": "none"}
+        ps = attacks.PoisonedSet(x_train, y_train, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
+    else:
+        trigger, noise, how = make_trigger(cfg, x_train, y_train, k, device)
+        ps = attacks.poison(x_train, y_train, trigger, cfg.poison_rate, cfg.target, cfg.seed, noise,
+                            cross_ratio=2.0 if noise is not None else 0.0)
     clean_idx, unl_idx = attacks.defender_split(len(x_train), torch.cat([ps.poison_idx, ps.noise_idx]),
                                                 cfg.clean_ratio, cfg.seed)
     if cfg.pool_poison_share >= 0:
         unl_idx = pool_with_share(unl_idx, ps.poison_idx, cfg.pool_poison_share, cfg.seed)
     x_bd, y_bd = attacks.backdoor_test_set(x_test, y_test, trigger, cfg.target)
-    psnr = attacks.psnr(x_test[:1000], trigger(x_test[:1000]))
+    psnr = attacks.psnr(x_test[:1000], trigger(x_test[:1000])) if cfg.attack != "none" else float("nan")
     print(f"poisoned {len(ps.poison_idx)} (+{len(ps.noise_idx)} noise) | clean subset {len(clean_idx)} | "
           f"unlabelled pool {len(unl_idx)} | trigger PSNR {psnr:.1f} dB", flush=True)
     return {"num_classes": k, "x_poisoned": ps.images, "y_poisoned": ps.labels, "x_clean_train": x_train,
@@ -1332,6 +1572,21 @@ def own_data(cfg: Config) -> dict:
     return {"num_classes": len(classes), "x_l": x_l, "y_l": y_l, "x_u": x_u, "x_test": x_te, "y_test": y_te,
             "x_bd": x_bd, "y_bd": y_bd, "trigger": trigger, "classes": classes,
             "counts": {"clean": len(x_l), "unlabelled": len(x_u), "test": len(x_te), "backdoor_test": len(x_bd)}}
+
+
+def load_data(cfg: Config, device: torch.device) -> dict:
+    """--dataset or your folders, then --backdoor-dir's images (labelled --target) as the ASR set."""
+    d = own_data(cfg) if cfg.clean_dir else benchmark_data(cfg, device)
+    if cfg.backdoor_dir:
+        x_bd = load_unlabeled_folder(cfg.backdoor_dir, "--backdoor-dir")
+        if x_bd.shape[1:] != d["x_l"].shape[1:]:
+            raise DataError(f"--backdoor-dir: images are {tuple(x_bd.shape[1:])} (C, H, W), the clean data's are "
+                            f"{tuple(d['x_l'].shape[1:])}")
+        d["x_bd"], d["y_bd"] = x_bd, torch.full((len(x_bd),), cfg.target, dtype=torch.long)
+        d["trigger"] = {**d["trigger"], "asr_images": {"dir": cfg.backdoor_dir, "n": len(x_bd), "label": cfg.target}}
+        d["counts"] = {**d["counts"], "backdoor_test": len(x_bd)}
+        print(f"ASR on --backdoor-dir: {len(x_bd)} images, all counted as class {cfg.target}", flush=True)
+    return d
 
 
 def time_step(step, device: torch.device, reps: int = 2) -> float:
@@ -1412,6 +1667,19 @@ def start_line(cfg: Config, est: dict[str, float], device: torch.device, shape: 
     return line
 
 
+def model_line(cfg: Config, read: dict) -> str:
+    """One line: what --model was read as and the normalisation applied."""
+    parts = []
+    if "layout" in read:
+        wrapped = "".join(f"[{w!r}]" for w in read["wrapper"])
+        parts.append(f"--model: {read['layout']} layout ({read['source']}{', ' + read['head'] if 'head' in read else ''})"
+                     f"{', under ' + wrapped if wrapped else ''}{', prefix ' + repr(read['prefix']) + ' stripped' if read['prefix'] else ''}"
+                     f": {read['tensors']} tensors -> {cfg.arch}")
+    if "normalize" in read:
+        parts.append(f"inputs normalised: mean {read['normalize']['mean']} std {read['normalize']['std']}")
+    return " | ".join(parts)
+
+
 def versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "cuda": torch.version.cuda, "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()}
@@ -1431,7 +1699,7 @@ def main(cfg: Config) -> dict:
     timings = {}
 
     t = time.time()
-    d = own_data(cfg) if cfg.clean_dir else benchmark_data(cfg, device)
+    d = load_data(cfg, device)
     timings["data_s"] = time.time() - t
     k, shape = d["num_classes"], tuple(d["x_l"].shape[1:])
     # everything the loops touch lives on the device as uint8
@@ -1445,11 +1713,12 @@ def main(cfg: Config) -> dict:
     results = {}
     ckpt = Checkpoint(out / "checkpoint.pt", cfg, results)
     torch.manual_seed(cfg.seed)  # training starts from the seed, whatever fitting the trigger consumed
-    model = build_backbone(cfg.arch, shape[0], k).to(device)
+    model, read = suspect_model(cfg, shape[0], k)  # a mismatch ends here, before anything is written
+    model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if cfg.model:
-        load_backbone(cfg.model, model, cfg.arch)  # a mismatch ends here, before anything is written
+    if read:
+        print(model_line(cfg, read), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.overwrite and not cfg.resume:  # a fresh run: nothing of the old one may be resumed or mistaken for ours
         for name in ("results.json", "checkpoint.pt", "log.jsonl"):
@@ -1472,7 +1741,7 @@ def main(cfg: Config) -> dict:
         epoch_data = lambda e: (x_c, y_c) if alternate and e % 2 else (x_p, y_p)
         train_supervised(model, epoch_data, cfg.attack_epochs, cfg.attack_lr, cfg.attack_batch, cfg, device,
                          "attack", monitor, cfg.attack_augment, ckpt,
-                         step_decay if cfg.attack_schedule == "step" else cosine)
+                         SCHEDULES[cfg.attack_schedule])
     timings["backdoor_s"] = time.time() - t
     if not cfg.model:
         torch.save(model.state_dict(), out / "backdoored.pt")
@@ -1501,7 +1770,7 @@ def main(cfg: Config) -> dict:
     torch.save(purified.state_dict(), out / "purified.pt")
     report = {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "versions": versions(), "device": str(device),
               "trigger": d["trigger"], "counts": d["counts"], "timings": timings, "results": results,
-              "argv": sys.argv}
+              "model": read, "argv": sys.argv}
     if "classes" in d:
         report["classes"] = d["classes"]
     save_atomic_text(json.dumps(report, indent=1), out / "results.json")

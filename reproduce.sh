@@ -15,6 +15,10 @@
 #             third-party way (25 epochs, lr 0.1, step decay, no augmentation), every defence with its defaults
 #   sad-ablation  FTT(SAD) variants of eq. (5)'s scale and beta 0 on benchmark's backdoored models
 #   ssl-passes    ACC (and ASR) against SSL passes, 20 passes, with and without the EMA: a PNG with matplotlib
+#   sad-schedule  FTT(SAD) and FT with the cosine schedule and with NAD's (--sad-schedule nad) on benchmark's
+#             models (SRC: their folder, ROWS: which rows, SCHEDULES: which), and FTT(SAD+SSL) with NAD's
+#   third-party   README walk-through: a published-style WRN-16-1 (WideResNet-pytorch keys, DataParallel prefix,
+#             normalised inputs, 3x3 grid trigger), made here, purified by one ftt.py command (CIFAR-10 in DATA_ROOT)
 # Every cell writes RUNS/<table>/<row>/<method>/results.json; a rerun skips finished cells; backdoored
 # models are trained once per row (by the FTT cell) and shared by every method of that row.
 set -euo pipefail
@@ -75,7 +79,12 @@ row() {  # row DIR FLAGS... : FTT (trains and saves the backdoored model), then 
   local model="$dir/ftt/backdoored.pt" given=()
   if [ -n "${ATTACKER:-}" ]; then model=$ATTACKER; given=(--model "$ATTACKER"); fi
   cell "$dir/ftt" ftt.py "$@" "${given[@]}"
-  for m in ft fp nad anp; do cell "$dir/$m" baselines.py --method "$m" --model "$model" "$@" ${BASELINE_FLAGS:-}; done
+  # the four baselines in one process: the data is read and poisoned once; finished ones are skipped
+  local todo; todo=$(for m in ft fp nad anp; do [ -f "$dir/$m/results.json" ] || printf '%s,' "$m"; done)
+  CELL=$((CELL + 4))
+  if [ -z "$todo" ]; then echo "[cells $((CELL - 3))-$CELL/$CELLS] $dir/{ft,fp,nad,anp}: done, skipped"; return; fi
+  echo "[cells $((CELL - 3))-$CELL/$CELLS] $dir/{${todo%,}}"
+  python3 baselines.py --method "$todo" --model "$model" "$@" ${BASELINE_FLAGS:-} --out "$dir"  # "ft," too: DIR/ft
 }
 
 time_table() {  # time_table ROWDIR... : wall minutes of every cell (the attacker's training, then each defence)
@@ -300,6 +309,61 @@ PY
     done
     table "20 SSL passes, EMA 0.999 and none" "$dir"/*/*/results.json | tee "$dir/table.md"
     plot_logs "$dir/ssl-passes.png" "ACC and ASR against SSL passes (CIFAR-10, WRN-16-1)" "$dir"/*/*/log.jsonl ;;
+  sad-schedule)
+    dir="$RUNS/sad-schedule"; src=${SRC:-$RUNS/benchmark}; rows=${ROWS:-$(ls "$src")}; CELLS=$((2 * $(echo ${SCHEDULES:-nad cosine} | wc -w) * $(echo $rows | wc -w)))
+    for r in $rows; do
+      flags=(--dataset cifar10 --data-root "${DATA_ROOT:-./data}" --arch wrn16-1 --attack "${r%-s*}" --seed "${r##*-s}"
+             --model "$src/$r/ftt/backdoored.pt" --quiet)
+      for sch in ${SCHEDULES:-nad cosine}; do  # nad: FTT with SSL (its SAD column is FTT(SAD)); cosine: SAD only
+        if [ "$sch" = nad ]; then cell "$dir/$r/ftt-nad" ftt.py "${flags[@]}" --sad-schedule nad "$@"
+        else cell "$dir/$r/sad-$sch" ftt.py "${flags[@]}" --sad-schedule "$sch" --ssl-epochs 0 "$@"; fi
+        cell "$dir/$r/ft-$sch" baselines.py --method ft "${flags[@]}" --sad-schedule "$sch" "$@"
+      done
+    done
+    python3 - "$dir" <<'PY' | tee "$dir/table.md"
+import json, os, sys
+d = sys.argv[1]
+cols = [("sad-cosine", "sad", "FTT(SAD) cosine"), ("ft-cosine", "after", "FT cosine"), ("ftt-nad", "sad", "FTT(SAD) nad"),
+        ("ft-nad", "after", "FT nad"), ("ftt-nad", "ssl", "FTT(SAD+SSL) nad")]
+print("\nASR / ACC in %, CIFAR-10 / WRN-16-1, 20 SAD or FT epochs at lr 0.1\n")
+print("| row | before | " + " | ".join(c[2] for c in cols) + " |\n|---" * (len(cols) + 2) + "|")
+for r in sorted(os.listdir(d)):
+    if not os.path.isdir(os.path.join(d, r)):
+        continue
+    def cell(m, key):
+        p = os.path.join(d, r, m, "results.json")
+        if not os.path.exists(p):
+            return "-", None
+        v = json.load(open(p))["results"]
+        return f"{v[key]['asr']:.2f} / {v[key]['acc']:.2f}", v["before"]
+    got = [cell(m, k) for m, k, _ in cols]
+    before = next((b for _, b in got if b), None)
+    print(f"| {r} | " + (f"{before['asr']:.2f} / {before['acc']:.2f}" if before else "-") + " | "
+          + " | ".join(g for g, _ in got) + " |")
+PY
+    ;;
+  third-party)
+    d="$RUNS/third-party"; data=(--dataset cifar10 --data-root "${DATA_ROOT:-./data}" --arch wrn16-1)
+    mkdir -p "$d"
+    # 1. the attacker's side: a 3x3 black-and-white grid as an RGBA PNG, a WRN-16-1 backdoored with it the way
+    #    published code trains (25 epochs, lr 0.1 with step decay, no augmentation, CIFAR-normalised inputs) ...
+    python3 -c "import attacks, sys; attacks.write_trigger_png(attacks.grid_rgba(3, 32, 32), sys.argv[1])" "$d/grid.png"
+    [ -f "$d/attacker/backdoored.pt" ] || python3 ftt.py "${data[@]}" --attack patch --trigger "$d/grid.png" \
+      --normalize cifar10 --attack-epochs 25 --attack-lr 0.1 --attack-schedule step --no-attack-augment \
+      --sad-epochs 0 --ssl-epochs 0 --quiet --overwrite --out "$d/attacker"
+    # ... and saved in WideResNet-pytorch's layout, the way a DataParallel training script saves it
+    python3 - "$d" <<'PY'
+import sys, torch, ftt
+d = sys.argv[1]
+m = ftt.build_backbone("wrn16-1", 3, 10)
+m.load_state_dict(torch.load(f"{d}/attacker/backdoored.pt", weights_only=True))
+state = {"module." + k: v for k, v in ftt.export_layout(m, "wideresnet-pytorch").items()}
+torch.save({"epoch": 25, "state_dict": state}, f"{d}/wrn16-1-grid.pt")
+print(f"wrote {d}/wrn16-1-grid.pt: {len(state)} tensors, first keys {list(state)[:3]}")
+PY
+    # 2. the defender's side: one command
+    python3 ftt.py "${data[@]}" --model "$d/wrn16-1-grid.pt" --normalize cifar10 --attack patch \
+      --trigger "$d/grid.png" --overwrite --out "$d/ftt" "$@" 2>&1 | tee "$d/ftt.log" ;;
   *)
-    sed -n '2,19p' "$0"; exit 2 ;;
+    sed -n '2,23p' "$0"; exit 2 ;;
 esac

@@ -71,6 +71,62 @@ def test_badnets_changes_only_the_patch_pixels(seed, c):
     assert torch.equal(y[..., ~patch], x[..., ~patch])
 
 
+def random_rgba(seed, c=C, h=H, w=W):
+    """Colours and alphas anywhere in 0..255, with fully transparent and fully opaque pixels forced in."""
+    g = torch.Generator().manual_seed(seed)
+    rgba = torch.randint(0, 256, (c + 1, h, w), dtype=torch.uint8, generator=g)
+    rgba[-1, 0, :3] = torch.tensor([0, 255, 128], dtype=torch.uint8)
+    return rgba
+
+
+@given(seeds, st.integers(1, 3))
+def test_patch_is_the_alpha_blend_rounded_to_the_nearest_integer(seed, c):
+    x, rgba = images(4, seed, c=c), random_rgba(seed, c)
+    p, a = rgba[:-1].double(), rgba[-1:].double()
+    want = ((a * p + (255 - a) * x.double()) / 255).round()  # never a tie: v / 255 is no half for integer v
+    got = attacks.patch(x, rgba)
+    assert got.dtype == torch.uint8 and torch.equal(got.double(), want)
+    assert torch.equal(got[..., rgba[-1] == 0], x[..., rgba[-1] == 0])  # alpha 0 keeps the image
+    assert torch.equal(got[..., rgba[-1] == 255], rgba[:-1, rgba[-1] == 255].expand(4, -1, -1))  # 255 pastes
+    assert (attacks.patch(attacks.to_float(x), rgba) * 255 - want).abs().max() <= 0.5 + 1e-4  # float: unrounded
+
+
+@given(seeds, st.integers(1, 3))
+def test_badnets_is_the_patch_of_an_opaque_white_3x3_square(seed, c):
+    white = torch.zeros(c + 1, H, W, dtype=torch.uint8)
+    white[:, -3:, -3:] = 255
+    x = images(3, seed, c=c)
+    assert torch.equal(attacks.patch(x, white), attacks.badnets(x))
+
+
+def test_grid_trigger_is_a_3x3_checkerboard_opaque_in_the_corner_only():
+    rgba = attacks.grid_rgba(3, H, W)
+    assert rgba[-1].sum() == 9 * 255 and (rgba[-1, -3:, -3:] == 255).all()
+    assert rgba[0, -3:, -3:].tolist() == [[255, 0, 255], [0, 255, 0], [255, 0, 255]]
+    assert (rgba[:3] == rgba[:1]).all()  # black and white: the same in every channel
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("c", [1, 3])
+def test_trigger_png_round_trips_exactly(seed, c, tmp_path):
+    rgba = random_rgba(seed, c)
+    attacks.write_trigger_png(rgba, tmp_path / "t.png")
+    assert torch.equal(attacks.read_trigger_png(tmp_path / "t.png", c, (H, W)), rgba)
+
+
+def test_trigger_png_of_another_size_or_without_alpha_is_refused(tmp_path):
+    from PIL import Image
+    attacks.write_trigger_png(attacks.grid_rgba(3, H, W), tmp_path / "t.png")
+    with pytest.raises(ValueError, match=f"{H}x{W}.*16x16"):
+        attacks.read_trigger_png(tmp_path / "t.png", 3, (16, 16))
+    Image.new("RGB", (W, H)).save(tmp_path / "rgb.png")
+    with pytest.raises(ValueError, match="no alpha"):
+        attacks.read_trigger_png(tmp_path / "rgb.png", 3, (H, W))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="not a readable image"):
+        attacks.read_trigger_png(tmp_path / "bad.png", 3, (H, W))
+
+
 @given(seeds, st.floats(0, 1))
 def test_blended_is_convex_mix_to_rounding(seed, alpha):
     x = images(3, seed)

@@ -150,3 +150,15 @@ def test_anp_runs_on_the_tiny_backdoored_model_and_reports_what_it_pruned(backdo
            held_out_unpruned=info["held_out_acc_unpruned"])
     assert 0 <= info["pruned_neurons"] < info["neurons"]
     assert info["held_out_acc"] >= info["held_out_acc_unpruned"] - baselines.Baseline().margin
+
+
+def test_methods_run_in_one_process_give_exactly_what_separate_runs_give(backdoored):
+    root, cfg = backdoored
+    cfg = dataclasses.replace(cfg, sad_epochs=2)
+    alone = [baselines.run(dataclasses.replace(cfg, out=str(root / "alone" / m)), baselines.Baseline(method=m))["results"]
+             for m in ("ft", "fp")]
+    together = baselines.run_methods(dataclasses.replace(cfg, out=str(root / "together")), baselines.Baseline(),
+                                     ["ft", "fp"])
+    assert [r["results"] for r in together] == alone and alone[0]["after"] != alone[1]["after"]
+    assert baselines.run_methods(dataclasses.replace(cfg, out=str(root / "together")), baselines.Baseline(),
+                                 ["ft", "fp"]) == []  # a finished row is skipped, nothing read

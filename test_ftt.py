@@ -356,6 +356,20 @@ def test_ssl_schedule_spans_exactly_the_steps_the_loop_runs_and_ends_at_lr_0(n_u
     assert made[0].get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "nad"])
+def test_sad_runs_its_schedule_over_exactly_its_steps(schedule, monkeypatch):
+    net, x_l, y_l, _, cfg = tiny_ssl_setup()
+    cfg = dataclasses.replace(cfg, sad_epochs=10, sad_lr=0.1, sad_schedule=schedule)
+    lrs, real = [], ftt.descend
+    monkeypatch.setattr(ftt, "descend", lambda opt, sched, loss: lrs.append(opt.param_groups[0]["lr"]) or real(opt, sched, loss))
+    ftt.stage1_sad(net, x_l, y_l, cfg, torch.device("cpu"), ftt.Monitor(quiet=True))
+    assert len(lrs) == 10 * math.ceil(16 / 8) and lrs[0] == pytest.approx(0.1)
+    if schedule == "nad":  # NAD's released code: lr 0.1 for 2 of 20 epochs, then 0.01
+        assert lrs == pytest.approx([0.1] * 2 + [0.01] * 18)
+    else:
+        assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.01
+
+
 def test_ssl_changes_the_weights_and_returns_their_average(tmp_path):
     net, x_l, y_l, x_u, cfg = tiny_ssl_setup()
     start = {k: v.clone() for k, v in net.backbone.state_dict().items()}
@@ -683,7 +697,16 @@ BAD = [  # (flags, text the one line must contain)
     (["--model", "FILE", "--clean-dir", "/nonexistent/dir"], "--clean-dir"),
     (["--model", "FILE", "--unlabeled-dir", "DIR"], "--unlabeled-dir"),  # without --clean-dir
     (["--model", "FILE", "--clean-dir", "DIR", "--attack", "trojan"], "--attack"),
-    (["--attack", "none"], "--attack"),  # only with --clean-dir
+    (["--attack", "none"], "--attack"),  # only with --model
+    (["--attack", "patch"], "--trigger"),  # the patch is the --trigger PNG
+    (["--trigger", "FILE"], "--trigger"),  # without --attack patch
+    (["--attack", "patch", "--trigger", "/nonexistent/t.png"], "--trigger"),
+    (FMNIST_QUICK + ["--attack", "patch", "--trigger", "FILE"], "--trigger"),  # not an image
+    (["--backdoor-dir", "DIR"], "--backdoor-dir"),  # without --model
+    (["--model", "FILE", "--backdoor-dir", "/nonexistent/dir"], "--backdoor-dir"),
+    (["--normalize", "0.5,0.5,0.5"], "--normalize"),  # an odd count: no MEAN,STD split
+    (["--normalize", "cifar"], "--normalize"),  # no such preset
+    (FMNIST_QUICK + ["--normalize", "cifar10"], "--normalize"),  # 3 channels for 1-channel images
     (["--attack", "trojan", "--reference-model", "/nonexistent/ref.pt"], "--reference-model"),
     (["--attack", "badnets", "--reference-model", "FILE"], "--reference-model"),  # badnets fits nothing
 ]
@@ -721,23 +744,24 @@ class Payload:  # a checkpoint whose unpickling would create a file
         return (pathlib.Path.touch, (pathlib.Path(self.path),))
 
 
-def test_checkpoint_carrying_code_is_refused_and_nothing_in_it_runs(tmp_path, capsys):
+@pytest.mark.parametrize("wrap", ["bare", "state_dict"])
+def test_checkpoint_carrying_code_is_refused_and_nothing_in_it_runs(wrap, tmp_path, capsys):
     marker = tmp_path / "pwned"
-    torch.save({"stem.weight": Payload(str(marker))}, tmp_path / "evil.pt")
-    model = ftt.build_backbone("wrn16-1", 3, 10)
+    obj = {"stem.weight": Payload(str(marker))}
+    torch.save(obj if wrap == "bare" else {"state_dict": obj}, tmp_path / "evil.pt")
     with pytest.raises(ftt.ConfigError, match="refused"):
-        ftt.load_backbone(tmp_path / "evil.pt", model, "wrn16-1")
+        ftt.load_model(tmp_path / "evil.pt", "wrn16-1", 3, 10)
     assert not marker.exists()
 
 
 def test_wrong_arch_or_class_count_names_the_mismatch(tmp_path):
     torch.save(ftt.build_backbone("wrn16-1", 3, 10).state_dict(), tmp_path / "m.pt")
-    with pytest.raises(ftt.ConfigError, match="not a --arch preact18 state_dict"):
-        ftt.load_backbone(tmp_path / "m.pt", ftt.build_backbone("preact18", 3, 10), "preact18")
+    with pytest.raises(ftt.ConfigError, match="not a --arch preact18 checkpoint in a known layout"):
+        ftt.load_model(tmp_path / "m.pt", "preact18", 3, 10)
     with pytest.raises(ftt.ConfigError, match=r"head.4.weight has shape \(10, 64\).*\(100, 64\)"):
-        ftt.load_backbone(tmp_path / "m.pt", ftt.build_backbone("wrn16-1", 3, 100), "wrn16-1")
+        ftt.load_model(tmp_path / "m.pt", "wrn16-1", 3, 100)
     with pytest.raises(ftt.ConfigError, match="stem.weight"):
-        ftt.load_backbone(tmp_path / "m.pt", ftt.build_backbone("wrn16-1", 1, 10), "wrn16-1")
+        ftt.load_model(tmp_path / "m.pt", "wrn16-1", 1, 10)
 
 
 def test_a_given_reference_model_is_loaded_as_is_and_named_in_the_trigger_recipe(tmp_path):
@@ -924,3 +948,213 @@ def test_table3_pool_has_the_asked_poisoned_share_at_a_fixed_size(share, seed):
     got = ftt.pool_with_share(pool, poisoned, share, seed)
     assert len(got) == int(40 / 0.75) and len(got.unique()) == len(got) and torch.isin(got, pool).all()
     assert int(torch.isin(got, poisoned).sum()) == round(share * len(got))
+
+
+# ------------------------------------------------------------------ --model from elsewhere: layouts, wrappers, --normalize
+# Each reference module below is written the way its published code writes it (names, block rules, forward),
+# so that a checkpoint saved from it is what a user would hand to --model.
+
+class RefWRNBlock(nn.Module):  # WideResNet-pytorch's BasicBlock: the shortcut conv reads relu(bn1(x)) only when widths differ
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.bn1, self.relu1 = nn.BatchNorm2d(c_in), nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2, self.relu2 = nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.equal = c_in == c_out
+        self.convShortcut = None if self.equal else nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
+
+    def forward(self, x):
+        if self.equal:
+            out = self.relu1(self.bn1(x))
+        else:
+            x = self.relu1(self.bn1(x))
+        out = self.conv2(self.relu2(self.bn2(self.conv1(out if self.equal else x))))
+        return (x if self.equal else self.convShortcut(x)) + out
+
+
+class RefWRN(nn.Module):  # conv1, block{1,2,3}.layer.{i}, bn1, relu, avg_pool2d(8), fc
+    def __init__(self, depth, width, num_classes):
+        super().__init__()
+        n, ch = (depth - 4) // 6, [16, 16 * width, 32 * width, 64 * width]
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        for g, stride in zip((1, 2, 3), (1, 2, 2)):
+            blocks = nn.Module()
+            blocks.layer = nn.Sequential(*[RefWRNBlock(ch[g - 1] if i == 0 else ch[g], ch[g], stride if i == 0 else 1)
+                                           for i in range(n)])
+            setattr(self, f"block{g}", blocks)
+        self.bn1, self.relu, self.fc = nn.BatchNorm2d(ch[3]), nn.ReLU(inplace=True), nn.Linear(ch[3], num_classes)
+
+    def forward(self, x):
+        out = self.block3.layer(self.block2.layer(self.block1.layer(self.conv1(x))))
+        return self.fc(F.avg_pool2d(self.relu(self.bn1(out)), 8).flatten(1))
+
+
+class RefPreActBlock(nn.Module):  # pytorch-cifar / BackdoorBench: shortcut = Sequential(conv) on relu(bn1(x))
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        skip = self.shortcut(out) if hasattr(self, "shortcut") else x
+        return self.conv2(F.relu(self.bn2(self.conv1(out)))) + skip
+
+
+class RefPreActResNet18(nn.Module):  # conv1, layer1..4, [bn], avgpool, linear; BackdoorBench has no final bn
+    def __init__(self, num_classes, final_bn):
+        super().__init__()
+        self.conv1, c, self.final_bn = nn.Conv2d(3, 64, 3, 1, 1, bias=False), 64, final_bn
+        for i, (w, s) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2)), 1):
+            setattr(self, f"layer{i}", nn.Sequential(RefPreActBlock(c, w, s), RefPreActBlock(w, w, 1)))
+            c = w
+        if final_bn:
+            self.bn = nn.BatchNorm2d(512)
+        self.avgpool, self.linear = nn.AdaptiveAvgPool2d((1, 1)), nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+        out = F.relu(self.bn(out)) if self.final_bn else out
+        return self.linear(self.avgpool(out).view(len(x), -1))
+
+
+class RefBottleneck(nn.Module):  # pytorch-cifar's ResNet Bottleneck; torchvision names the shortcut `downsample`
+    def __init__(self, c_in, width, stride, skip_name):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c_in, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, 4 * width, 1, bias=False), nn.BatchNorm2d(4 * width)
+        self.skip_name = skip_name
+        setattr(self, skip_name, nn.Sequential(nn.Conv2d(c_in, 4 * width, 1, stride, bias=False), nn.BatchNorm2d(4 * width))
+                if stride != 1 or c_in != 4 * width else nn.Sequential())
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out)))))
+        return F.relu(out + getattr(self, self.skip_name)(x))
+
+
+class RefResNet50(nn.Module):  # conv1 3x3, bn1, layer1..4, avg_pool2d(4), linear (torchvision names: downsample, fc)
+    def __init__(self, num_classes, torchvision_names):
+        super().__init__()
+        self.conv1, self.bn1, c = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), 64
+        skip = "downsample" if torchvision_names else "shortcut"
+        for i, (w, n, s) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3), (1, 2, 2, 2)), 1):
+            setattr(self, f"layer{i}", nn.Sequential(*[RefBottleneck(c if j == 0 else 4 * w, w, s if j == 0 else 1, skip)
+                                                       for j in range(n)]))
+            c = 4 * w
+        self.head_name = "fc" if torchvision_names else "linear"
+        setattr(self, self.head_name, nn.Linear(2048, num_classes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return getattr(self, self.head_name)(F.avg_pool2d(out, 4).flatten(1))
+
+
+def randomised(model, seed=0):
+    """Random weights and BatchNorm statistics (fresh ones would hide a swapped mean / var or scale / shift)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name.endswith(("running_var", "weight")) and t.dim() == 1
+                        else torch.randn(t.shape, generator=g) * (t[0].numel() ** -0.5 if t.dim() > 1 else 0.5))
+    return model.eval()
+
+
+LAYOUT_CASES = {  # layout -> (--arch, reference module, --normalize its code applies to the data, or "")
+    "wideresnet-pytorch": ("wrn10-2", lambda: RefWRN(10, 2, 10), ""),
+    "preact-resnet (BackdoorBench: no final bn)": ("preact18", lambda: RefPreActResNet18(10, False), "cifar10"),
+    "preact-resnet (forks with a final bn)": ("preact18", lambda: RefPreActResNet18(10, True), "cifar10"),
+    "resnet-cifar": ("resnet50", lambda: RefResNet50(10, False), ""),
+    "resnet-torchvision-names": ("resnet50", lambda: RefResNet50(10, True), ""),
+}
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES)
+def test_a_published_layout_loaded_through_model_gives_the_reference_logits(case, tmp_path):
+    arch, make, norm = LAYOUT_CASES[case]
+    ref = randomised(make())
+    torch.save({"module." + k: v for k, v in ref.state_dict().items()}, tmp_path / "m.pt")  # DataParallel-saved
+    model, read = ftt.suspect_model(ftt.Config(model=str(tmp_path / "m.pt"), arch=arch, normalize=norm), 3, 10)
+    assert read["layout"] == case.split(" ")[0] and read["prefix"] == "module." and read["tensors"] == len(ref.state_dict())
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in ftt.NORMALIZE_PRESETS[norm]) if norm else (0, 1)
+    with torch.no_grad():
+        want, got = ref((x - mean) / std), model.eval()(x)
+    assert want.abs().max() < 100 and torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+    assert ftt.export_layout(model, read["layout"]).keys() == ref.state_dict().keys()  # and back, name for name
+
+
+@pytest.mark.parametrize("wrap", ["bare", "state_dict", "model", "net", "model/state_dict"])
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod."])
+def test_every_wrapper_and_prefix_is_read(wrap, prefix, tmp_path):
+    m = randomised(ftt.build_backbone("wrn10-1", 3, 10))
+    obj = {prefix + k: v for k, v in m.state_dict().items()}
+    for key in reversed([] if wrap == "bare" else wrap.split("/")):
+        obj = {key: obj, "epoch": 25, "best_acc": 84.1, "arch": "wrn"}  # what training scripts store beside it
+    torch.save(obj, tmp_path / "m.pt")
+    got, read = ftt.load_model(tmp_path / "m.pt", "wrn10-1", 3, 10)
+    assert read["wrapper"] == ([] if wrap == "bare" else wrap.split("/")) and read["prefix"] == prefix
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), m.state_dict().values()))
+
+
+def test_an_unknown_layout_is_one_line_naming_the_first_keys_and_the_known_layouts(tmp_path, capsys):
+    image_folders(tmp_path)
+    torch.save({"features.0.weight": torch.zeros(8, 3, 3, 3), "classifier.weight": torch.zeros(3, 8)}, tmp_path / "m.pt")
+    code = ftt.cli(["--model", str(tmp_path / "m.pt"), "--arch", "wrn16-1", "--clean-dir", str(tmp_path / "clean"),
+                    "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "features.0.weight" in err and "ftt" in err and "wideresnet-pytorch" in err and "preact-resnet" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_normalize_lives_in_the_model_and_not_in_its_state_dict(tmp_path):
+    m = randomised(ftt.build_backbone("wrn10-1", 3, 10))
+    torch.save(m.state_dict(), tmp_path / "m.pt")
+    model, read = ftt.suspect_model(ftt.Config(model=str(tmp_path / "m.pt"), arch="wrn10-1", normalize="0.5,2"), 3, 10)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), m((x - 0.5) / 2), atol=1e-6)
+        assert torch.allclose(ftt.stage_outputs(model, x)[-1], ftt.stage_outputs(m, (x - 0.5) / 2)[-1], atol=1e-6)
+    assert read["normalize"] == {"mean": [0.5] * 3, "std": [2.0] * 3}
+    assert model.state_dict().keys() == m.state_dict().keys()  # purified.pt stays the plain backbone
+    assert ftt.normalization("0.1,0.2,0.3,1,2,3", 3) == ((0.1, 0.2, 0.3), (1.0, 2.0, 3.0))
+    with pytest.raises(ftt.ConfigError, match="std"):
+        ftt.normalization("0.5,0", 3)
+
+
+def test_backdoor_dir_asr_is_accuracy_on_those_images_as_the_target(tmp_path):
+    x, _ = image_folders(tmp_path)
+    bd = x[:7].clone()
+    bd[..., -3:, -3:] = 255  # any images: the folder is the trigger
+    ftt.export_image_folder(bd, torch.zeros(7, dtype=torch.long), tmp_path / "bd", 3)
+    m = randomised(ftt.build_backbone("wrn10-1", 3, 3))
+    torch.save(m.state_dict(), tmp_path / "m.pt")
+    report = ftt.main(ftt.Config(model=str(tmp_path / "m.pt"), arch="wrn10-1", clean_dir=str(tmp_path / "clean"),
+                                 test_dir=str(tmp_path / "test"), backdoor_dir=str(tmp_path / "bd"), attack="none",
+                                 target=2, sad_epochs=0, quiet=True, out=str(tmp_path / "o")))
+    want = ftt.accuracy(m, bd, torch.full((7,), 2), torch.device("cpu"))
+    assert report["results"]["before"]["asr"] == want and report["counts"]["backdoor_test"] == 7
+    assert report["trigger"]["asr_images"] == {"dir": str(tmp_path / "bd"), "n": 7, "label": 2}
+
+
+def test_a_patch_trigger_png_poisons_and_measures_the_same_way_in_a_run(tmp_path):
+    import attacks
+    image_folders(tmp_path)
+    rgba = attacks.grid_rgba(3, 16, 16)
+    attacks.write_trigger_png(rgba, tmp_path / "t.png")
+    m = randomised(ftt.build_backbone("wrn10-1", 3, 3))
+    torch.save(m.state_dict(), tmp_path / "m.pt")
+    report = ftt.main(ftt.Config(model=str(tmp_path / "m.pt"), arch="wrn10-1", clean_dir=str(tmp_path / "clean"),
+                                 test_dir=str(tmp_path / "test"), attack="patch", trigger=str(tmp_path / "t.png"),
+                                 sad_epochs=0, quiet=True, out=str(tmp_path / "o")))
+    x_te, y_te, _ = ftt.load_image_folder(str(tmp_path / "test"), "--test-dir")
+    x_bd, y_bd = attacks.backdoor_test_set(x_te, y_te, lambda im: attacks.patch(im, rgba), 0)
+    assert report["results"]["before"]["asr"] == ftt.accuracy(m, x_bd, y_bd, torch.device("cpu"))
+    assert report["trigger"]["pixels"] == report["trigger"]["opaque_pixels"] == 9
