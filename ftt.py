@@ -563,7 +563,8 @@ def export_image_folder(x: Tensor, y: Tensor, root: str | Path, num_classes: int
 class Normalize(nn.Module):
     """(x - mean) / std per channel, for models trained on normalised inputs (--normalize). mean and std
     are buffers that are not saved (persistent=False): the backbone's state_dict stays the plain model,
-    and results.json records the normalisation to use it with."""
+    and results.json records the normalisation to use it with. (torchvision's v2.Normalize keeps them as
+    Python lists and rebuilds the tensors on every call; as buffers they move with the model.)"""
 
     def __init__(self, mean: tuple[float, ...] = (0.0,), std: tuple[float, ...] = (1.0,)):
         super().__init__()

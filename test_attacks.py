@@ -114,6 +114,18 @@ def test_trigger_png_round_trips_exactly(seed, c, tmp_path):
     assert torch.equal(attacks.read_trigger_png(tmp_path / "t.png", c, (H, W)), rgba)
 
 
+def test_patch_from_a_png_gives_the_hand_computed_pixels(tmp_path):
+    # one grey pixel (100) under a colour p = (200, 0, 255) at five alphas; round((a p + (255 - a) 100) / 255) by hand:
+    # a=0: 100, 100, 100 | a=1: 100.39, 99.61, 100.61 -> 100, 100, 101 | a=128: 150.20, 49.80, 177.80 -> 150, 50, 178
+    # a=254: 199.61, 0.39, 254.39 -> 200, 0, 254 | a=255: 200, 0, 255
+    rgba = torch.zeros(4, 1, 5, dtype=torch.uint8)
+    rgba[:3] = torch.tensor([200, 0, 255], dtype=torch.uint8).view(3, 1, 1)
+    rgba[3, 0] = torch.tensor([0, 1, 128, 254, 255], dtype=torch.uint8)
+    attacks.write_trigger_png(rgba, tmp_path / "t.png")
+    got = attacks.patch(torch.full((1, 3, 1, 5), 100, dtype=torch.uint8), attacks.read_trigger_png(tmp_path / "t.png", 3, (1, 5)))
+    assert got[0, :, 0].T.tolist() == [[100, 100, 100], [100, 100, 101], [150, 50, 178], [200, 0, 254], [200, 0, 255]]
+
+
 def test_trigger_png_of_another_size_or_without_alpha_is_refused(tmp_path):
     from PIL import Image
     attacks.write_trigger_png(attacks.grid_rgba(3, H, W), tmp_path / "t.png")

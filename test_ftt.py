@@ -1129,6 +1129,16 @@ def test_normalize_lives_in_the_model_and_not_in_its_state_dict(tmp_path):
         ftt.normalization("0.5,0", 3)
 
 
+def test_attack_none_poisons_nothing_and_leaves_asr_to_backdoor_dir():
+    needs_fashion()
+    cfg = ftt.Config(dataset="fashion-mnist", data_root="./data", attack="none", train_size=400, test_size=100)
+    d = ftt.benchmark_data(cfg, torch.device("cpu"))
+    x, y = ftt.load_dataset("fashion-mnist", "./data")["train"]
+    assert d["counts"]["poisoned"] == 0 and len(d["x_bd"]) == 0 and d["trigger"]["attack"] == "none"
+    assert torch.equal(d["x_poisoned"], x[:400]) and torch.equal(d["y_poisoned"], y[:400])
+    assert len(d["x_l"]) + len(d["x_u"]) == 400
+
+
 def test_backdoor_dir_asr_is_accuracy_on_those_images_as_the_target(tmp_path):
     x, _ = image_folders(tmp_path)
     bd = x[:7].clone()
