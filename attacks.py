@@ -90,31 +90,26 @@ def grid_rgba(channels: int, h: int, w: int, size: int = 3) -> Tensor:
 
 def write_trigger_png(rgba: Tensor, path: str | Path) -> None:
     """rgba (C + 1, H, W) uint8 -> a PNG with alpha (RGBA for C = 3, LA for C = 1)."""
-    from PIL import Image  # torchvision's own image dependency
-    mode = {2: "LA", 4: "RGBA"}.get(rgba.shape[0])
-    if mode is None or rgba.dtype != torch.uint8:
+    if rgba.shape[0] not in (2, 4) or rgba.dtype != torch.uint8:
         raise ValueError(f"a trigger PNG needs uint8 (2 or 4, H, W), got {rgba.dtype} {tuple(rgba.shape)}")
-    h, w = rgba.shape[1:]
-    Image.frombytes(mode, (w, h), bytes(rgba.permute(1, 2, 0).flatten().tolist())).save(path)
+    TF.to_pil_image(rgba.cpu()).save(path)
 
 
 def read_trigger_png(path: str | Path, channels: int, size: tuple[int, int]) -> Tensor:
     """A trigger image with alpha -> rgba (channels + 1, H, W) uint8 for `patch`. A file without alpha
     would paste a whole opaque image, so it is refused; so is one of another size than the inputs."""
-    from PIL import Image
+    from PIL import Image  # torchvision's own image dependency
     try:
         with Image.open(path) as im:
             if "A" not in im.getbands() and "transparency" not in im.info:
                 raise ValueError(f"{path} has no alpha channel ({im.mode}); alpha marks the trigger's pixels")
-            im = im.convert("RGBA" if channels == 3 else "LA")
-            w, h = im.size
-            rgba = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(h, w, channels + 1)
+            rgba = TF.pil_to_tensor(im.convert("RGBA" if channels == 3 else "LA"))
     except (OSError, SyntaxError) as e:
         raise ValueError(f"{path} is not a readable image ({type(e).__name__})") from None
-    if (h, w) != tuple(size):
-        raise ValueError(f"{path} is {h}x{w}; the inputs are {size[0]}x{size[1]} (the trigger image covers the "
-                         f"whole input, transparent outside the trigger)")
-    return rgba.permute(2, 0, 1).contiguous()
+    if tuple(rgba.shape[1:]) != tuple(size):
+        raise ValueError(f"{path} is {rgba.shape[1]}x{rgba.shape[2]}; the inputs are {size[0]}x{size[1]} (the trigger "
+                         f"image covers the whole input, transparent outside the trigger)")
+    return rgba
 
 
 def blend_pattern(shape: tuple[int, int, int], seed: int = 0) -> Tensor:
