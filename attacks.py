@@ -303,7 +303,7 @@ def cached_fit(path: str | Path, how: dict, fit: Callable[[], dict[str, Tensor]]
     path = Path(path)
     pt, meta = path.with_suffix(".pt"), path.with_suffix(".json")
     if pt.exists() and meta.exists() and json.loads(meta.read_text()) == how:
-        return torch.load(pt, weights_only=True)
+        return torch.load(pt, map_location="cpu", weights_only=True)  # a cache fitted on a GPU reads anywhere
     tensors = fit()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(tensors, pt)

@@ -5,7 +5,8 @@
 
 Every method starts from the same backdoored checkpoint (--model), gets the same clean subset (ftt's
 poisoning and defender split, rebuilt from the same flags and seed), trains with the same budget as SAD
-(--sad-epochs, --sad-lr, --batch-size, crop + flip) and is evaluated by the same code (ftt.accuracy).
+(--sad-epochs, --batch-size, crop + flip; lr --sad-lr-max, the top of SAD's ladder: 0.1, NAD's published lr)
+and is evaluated by the same code (ftt.accuracy).
 Every threshold or stopping point is chosen on the defender's clean data only, never on the test set
 or a triggered image (BackdoorBench's FP and ANP select on test data; these do not).
 """
@@ -56,7 +57,7 @@ def holdout_split(n: int, share: float, seed: int, device) -> tuple[Tensor, Tens
 
 def fine_tune(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, device: torch.device,
               monitor: ftt.Monitor, stage: str = "ft") -> nn.Module:
-    ftt.train_supervised(model, lambda e: (x, y), cfg.sad_epochs, cfg.sad_lr, cfg.batch_size, cfg, device,
+    ftt.train_supervised(model, lambda e: (x, y), cfg.sad_epochs, cfg.sad_lr_max, cfg.batch_size, cfg, device,
                          stage, monitor, schedule=ftt.SCHEDULES[cfg.sad_schedule])
     return model
 
@@ -129,7 +130,7 @@ def nad(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, de
     trained with CE plus sum_i beta_i nad_loss at the last len(betas) stages' outputs."""
     teacher = fine_tune(copy.deepcopy(model), x, y, cfg, device, monitor, "nad-t").eval().requires_grad_(False)
     betas = b.nad_betas[-len(model.stages):]
-    opt = ftt.sgd(model.parameters(), cfg.sad_lr, cfg)
+    opt = ftt.sgd(model.parameters(), cfg.sad_lr_max, cfg)
     steps = math.ceil(len(x) / cfg.batch_size)
     sched = ftt.SCHEDULES[cfg.sad_schedule](opt, cfg.sad_epochs * steps)
     prog = ftt.Progress("nad", cfg.sad_epochs, len(x), monitor)

@@ -2,11 +2,13 @@
 
     python bench.py --arch wrn16-1                      # CPU-sized (WRN-16-1, CIFAR-shaped images)
     python bench.py --arch preact18 --device cuda       # the GPU setting; add --compile to measure torch.compile
+    python bench.py --arch preact18 --device cuda --compile --compile-mode reduce-overhead --row plain@attack
 
 Each row times one kind of step, with the very functions ftt.py trains with (supervised_forward,
 sad_forward, ssl_forward, descend, the augmentations): warm-up steps are dropped, then images/s is
 taken over several timed windows and the median reported. Rows:
   plain@b        backbone forward + backward + SGD step, batch b (the labelled batch)
+  plain@attack   the same at the attacker's batch (128), fed by the real pipeline: the backdoored model's training
   plain@b(1+mu)  the same at the SSL step's forward batch, the fair reference for the SSL row
   sad            Branched backbone + exits + eq. (7)'s labelled half, batch b; ratio to plain@b
   ssl            weak view (no grad) + strong view and labelled batch (with grad), eq. (7); counted in
@@ -48,6 +50,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model of every row")
+    ap.add_argument("--compile-mode", default="reduce-overhead", choices=("default", "reduce-overhead", "max-autotune"),
+                    help="torch.compile's mode (reduce-overhead: CUDA graphs) (default: %(default)s)")
+    ap.add_argument("--row", action="append", default=[], help="run only this row (repeatable; default: all)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per row (more with --compile)")
     ap.add_argument("--windows", type=int, default=5, help="timed windows per row; the median is reported")
     ap.add_argument("--steps", type=int, default=10, help="steps per timed window")
@@ -113,7 +118,7 @@ def bench(args: argparse.Namespace) -> dict:
         opt = ftt.sgd(m.parameters(), 0.01, cfg)
         sched = ftt.cosine(opt, 10 ** 6)
         if compile:
-            m.compile()  # in place: the module keeps its attributes
+            m.compile(mode=args.compile_mode)  # in place: the module keeps its attributes
         return m, opt, sched
 
     def plain_step(n: int, pipeline: bool = False):
@@ -163,10 +168,18 @@ def bench(args: argparse.Namespace) -> dict:
     warm = args.warmup + (3 if args.compile else 0)
     timing = lambda step, n: rate(step, n, device, warm, args.windows, args.steps)
     rows = {}
-    specs = [("plain@b", lambda: plain_step(b), b), ("plain@b(1+mu)", lambda: plain_step(b + bu), b + bu),
+    ba = cfg.attack_batch
+    specs = [("plain@b", lambda: plain_step(b), b), ("plain@attack", lambda: plain_step(ba, pipeline=True), ba),
+             ("plain@b(1+mu)", lambda: plain_step(b + bu), b + bu),
              ("plain@b(1+mu), pipeline", lambda: plain_step(b + bu, pipeline=True), b + bu),
              ("sad", sad_step, b), ("ssl, pipeline", lambda: ssl_step(True), bu), ("ssl, in memory", lambda: ssl_step(False), bu)]
+    wanted = args.row
+    unknown = set(wanted) - {name for name, _, _ in specs}
+    if unknown:
+        raise SystemExit(f"bench: --row: no row {sorted(unknown)}; rows: {'; '.join(name for name, _, _ in specs)}")
     for name, make, n in specs:
+        if wanted and name not in wanted:
+            continue
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -188,18 +201,22 @@ def bench(args: argparse.Namespace) -> dict:
     flops_per_image = counter.get_total_flops() / b
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None) if device.type == "cuda" else None
-    plain = rows["plain@b(1+mu)"]["images_per_s"]
-    ratios = {"sad / plain@b": rows["sad"]["images_per_s"] / rows["plain@b"]["images_per_s"],
-              "ssl (unlabelled) / plain@b(1+mu)": rows["ssl, pipeline"]["images_per_s"] / plain,
-              "ssl (unlabelled) / plain@b": rows["ssl, pipeline"]["images_per_s"] / rows["plain@b"]["images_per_s"],
-              "plain: pipeline / in memory": rows["plain@b(1+mu), pipeline"]["images_per_s"] / plain,
-              "ssl: pipeline / in memory": rows["ssl, pipeline"]["images_per_s"] / rows["ssl, in memory"]["images_per_s"]}
+    ips = lambda name: rows[name]["images_per_s"] if name in rows else None
+    pairs = {"sad / plain@b": ("sad", "plain@b"), "plain@attack / plain@b": ("plain@attack", "plain@b"),
+             "ssl (unlabelled) / plain@b(1+mu)": ("ssl, pipeline", "plain@b(1+mu)"),
+             "ssl (unlabelled) / plain@b": ("ssl, pipeline", "plain@b"),
+             "plain: pipeline / in memory": ("plain@b(1+mu), pipeline", "plain@b(1+mu)"),
+             "ssl: pipeline / in memory": ("ssl, pipeline", "ssl, in memory")}
+    ratios = {k: ips(a) / ips(d) for k, (a, d) in pairs.items() if ips(a) and ips(d)}
+    # the FLOP rate of the largest plain step measured (the 512-image one when it ran)
+    plain_row = next((r for r in ("plain@b(1+mu)", "plain@b(1+mu), pipeline", "plain@attack", "plain@b") if r in rows), None)
+    plain = ips(plain_row) or 0.0
     achieved = flops_per_image * plain
     report = {"device": str(device), "device_name": name, "threads": torch.get_num_threads(), "arch": args.arch,
               "shape": [c, h, w], "batch": b, "mu": args.mu, "channels_last": args.channels_last,
               "compile": args.compile, "amp": "bf16" if device.type == "cuda" else "none (fp32 on CPU)",
               "rows": rows, "ratios": ratios, "flops_per_image_train_step": flops_per_image,
-              "achieved_flops_per_s_plain": achieved, "peak_bf16_flops_per_s": peak,
+              "achieved_flops_per_s_plain": achieved, "achieved_by": plain_row, "peak_bf16_flops_per_s": peak,
               "share_of_peak": achieved / peak if peak else None,
               "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
               "versions": ftt.versions(), "date": time.strftime("%Y-%m-%d"), "settings": vars(args)}
@@ -216,8 +233,10 @@ def markdown(r: dict) -> str:
         lines.append(f"| {name} | {row['images_per_s']:.1f} | {row['host_syncs_per_step']} | {mem} |")
     lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in r["ratios"].items()]
     share = f", {100 * r['share_of_peak']:.1f}% of the bf16 peak" if r["share_of_peak"] else ""
-    lines += ["", f"Training-step FLOPs per image {r['flops_per_image_train_step'] / 1e9:.3f} GFLOP; plain@b(1+mu) "
-                  f"achieves {r['achieved_flops_per_s_plain'] / 1e12:.3f} TFLOP/s{share}. Peak RSS {r['peak_rss_gib']:.1f} GiB."]
+    rate = (f"; {r['achieved_by']} achieves {r['achieved_flops_per_s_plain'] / 1e12:.3f} TFLOP/s{share}"
+            if r["achieved_by"] else "")
+    lines += ["", f"Training-step FLOPs per image {r['flops_per_image_train_step'] / 1e9:.3f} GFLOP{rate}. "
+                  f"Peak RSS {r['peak_rss_gib']:.1f} GiB."]
     return "\n".join(lines)
 
 
@@ -227,7 +246,8 @@ def main(argv=None) -> dict:
     r = bench(args)
     text = markdown(r)
     print("\n" + text)
-    path = Path(args.json or f"runs/bench-{r['device'].replace(':', '')}-{args.arch}{'-compile' if args.compile else ''}.json")
+    tag = f"-compile-{args.compile_mode}" if args.compile else ""
+    path = Path(args.json or f"runs/bench-{r['device'].replace(':', '')}-{args.arch}{tag}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(r, indent=1))
     print(f"\nwrote {path}")

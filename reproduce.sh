@@ -19,6 +19,9 @@
 #             models (SRC: their folder, ROWS: which rows, SCHEDULES: which), and FTT(SAD+SSL) with NAD's
 #   third-party   README walk-through: a published-style WRN-16-1 (WideResNet-pytorch keys, DataParallel prefix,
 #             normalised inputs, 3x3 grid trigger), made here, purified by one ftt.py command (CIFAR-10 in DATA_ROOT)
+#   cifar10-subset DIR [N_TRAIN N_TEST]  the first N_TRAIN/5 images of each CIFAR-10 training batch and the first
+#             N_TEST test images (10000 / 4000: 41 MiB, small enough for one call to a lent GPU), as python batches
+#             in DIR/cifar-10-batches-py: --data-root DIR reads it like the whole set
 # Every cell writes RUNS/<table>/<row>/<method>/results.json; a rerun skips finished cells; backdoored
 # models are trained once per row (by the FTT cell) and shared by every method of that row.
 set -euo pipefail
@@ -64,8 +67,13 @@ PY
 }
 
 CELL=0; CELLS=1
+# On a GPU every ftt.py cell compiles the attacker's training with CUDA graphs (--compile: 2.5x the eager
+# images/s of its step on an H100, README "Speed"); GPU_FLAGS= turns that off.
+GPU_FLAGS=${GPU_FLAGS-$(python3 -c "import torch; print('--compile' if torch.cuda.is_available() else '')")}
+
 cell() {  # cell DIR PROGRAM FLAGS... : run one cell unless DIR/results.json exists
   local dir=$1 prog=$2; shift 2
+  [ "$prog" = ftt.py ] && set -- "$@" $GPU_FLAGS
   CELL=$((CELL + 1))
   if [ -f "$dir/results.json" ]; then echo "[cell $CELL/$CELLS] $dir: done, skipped"; return; fi
   echo "[cell $CELL/$CELLS] $dir"
@@ -153,11 +161,11 @@ PY
 
 case "$name" in
   paper)
-    python3 ftt.py --out "$RUNS/paper" "$@" ;;
+    python3 ftt.py --out "$RUNS/paper" $GPU_FLAGS "$@" ;;
   offline)
     # smallest sensible budget on 2 cores: full Fashion-MNIST, WRN-16-1, 3 attacker epochs
     common=(--dataset fashion-mnist --arch wrn16-1 --attack badnets --attack-epochs 3 --attack-lr 0.05
-            --no-attack-augment --sad-epochs 10 --sad-lr 0.05 --ssl-epochs 2 "$@")
+            --no-attack-augment --sad-epochs 10 --sad-lr 0.05 --sad-lr-max 0.05 --ssl-epochs 2 "$@")
     python3 ftt.py "${common[@]}" --detach-deep --out "$RUNS/offline-detach"
     python3 ftt.py "${common[@]}" --no-detach-deep --model "$RUNS/offline-detach/backdoored.pt" --out "$RUNS/offline-mutual"
     table "FTT, Fashion-MNIST, WRN-16-1 (./reproduce.sh offline)" "$RUNS"/offline-{detach,mutual}/results.json ;;
@@ -191,7 +199,7 @@ ftt.export_image_folder(xt[:2000], yt[:2000], f"{d}/test", 10)
 PY
     # 3. purify it: ACC on your test images, ASR with the BadNets trigger you suspect
     python3 ftt.py --model "$d/attacker/backdoored.pt" --arch wrn16-1 --clean-dir "$d/clean" \
-      --unlabeled-dir "$d/unlabelled" --test-dir "$d/test" --attack badnets --sad-epochs 10 --sad-lr 0.05 \
+      --unlabeled-dir "$d/unlabelled" --test-dir "$d/test" --attack badnets --sad-epochs 10 --sad-lr 0.05 --sad-lr-max 0.05 \
       --ssl-epochs 2 --overwrite --out "$d/purified" "$@" ;;
   quick)
     # Table 1's layout offline on 2 CPU cores, under an hour: Fashion-MNIST (20,000 training images, 2,000 test),
@@ -199,7 +207,7 @@ PY
     dir="$RUNS/quick"; CELLS=30
     BASELINE_FLAGS=${BASELINE_FLAGS:-"--anp-iters 200"}
     flags=(--dataset fashion-mnist --arch wrn16-1 --train-size 20000 --test-size 2000 --attack-epochs 5 --attack-lr 0.05
-           --no-attack-augment --reference-epochs 3 --sad-epochs 10 --sad-lr 0.05 --ssl-epochs 1 --quiet "$@")
+           --no-attack-augment --reference-epochs 3 --sad-epochs 10 --sad-lr 0.05 --sad-lr-max 0.05 --ssl-epochs 1 --quiet "$@")
     for a in badnets trojan blended low-frequency wanet atteq-nn; do row "$dir/$a" --attack "$a" "${flags[@]}"; done
     method_table "./reproduce.sh quick: Fashion-MNIST, WRN-16-1 (2 CPU cores)" "$dir"/{badnets,trojan,blended,low-frequency,wanet,atteq-nn} \
       | tee "$dir/table.md" ;;
@@ -207,7 +215,7 @@ PY
     # Table 4's question on quick's backdoored models (run quick first): stage 2 alone, with and without the AP terms
     dir="$RUNS/quick-ablation"; CELLS=4
     flags=(--dataset fashion-mnist --arch wrn16-1 --train-size 20000 --test-size 2000 --reference-epochs 3
-           --sad-epochs 0 --sad-lr 0.05 --ssl-epochs 1 --quiet "$@")
+           --sad-epochs 0 --sad-lr 0.05 --sad-lr-max 0.05 --ssl-epochs 1 --quiet "$@")
     for a in badnets blended; do
       cell "$dir/$a-without-stage1" ftt.py --attack "$a" --model "$RUNS/quick/$a/ftt/backdoored.pt" "${flags[@]}"
       cell "$dir/$a-without-sad" ftt.py --attack "$a" --beta 0 --model "$RUNS/quick/$a/ftt/backdoored.pt" "${flags[@]}"
@@ -364,6 +372,21 @@ PY
     # 2. the defender's side: one command
     python3 ftt.py "${data[@]}" --model "$d/wrn16-1-grid.pt" --normalize cifar10 --attack patch \
       --trigger "$d/grid.png" --overwrite --out "$d/ftt" "$@" 2>&1 | tee "$d/ftt.log" ;;
+  cifar10-subset)
+    python3 - "${DATA_ROOT:-./data}" "$@" <<'PY'
+import pickle, sys
+from pathlib import Path
+src, dst = Path(sys.argv[1]) / "cifar-10-batches-py", Path(sys.argv[2]) / "cifar-10-batches-py"
+n_train, n_test = (int(v) for v in (sys.argv[3:5] if len(sys.argv) > 3 else (10000, 4000)))
+dst.mkdir(parents=True, exist_ok=True)
+for name, n in [(f"data_batch_{i}", n_train // 5) for i in range(1, 6)] + [("test_batch", n_test)]:
+    with open(src / name, "rb") as fh:
+        d = pickle.load(fh, encoding="latin1")
+    with open(dst / name, "wb") as fh:
+        pickle.dump({"data": d["data"][:n], "labels": list(d["labels"][:n])}, fh)
+print(f"wrote {dst}: {n_train // 5 * 5} training images, {n_test} test images")
+PY
+    ;;
   *)
-    sed -n '2,23p' "$0"; exit 2 ;;
+    sed -n '2,26p' "$0"; exit 2 ;;
 esac

@@ -355,3 +355,13 @@ def test_each_attack_implants_a_backdoor_on_a_tiny_model(name, tmp_path, referen
         t = torch.load(reference_cache / "trigger_atteq-nn_fashion-mnist_wrn10-1_s0.pt", weights_only=True)
         inside, outside = t["attention"][t["mask"][0] == 1], t["attention"][t["mask"][0] == 0]
         assert inside.min() >= outside.max() and t["mask"].sum() == 28 * 28 // 32
+
+
+def test_a_cached_trigger_is_read_onto_the_cpu_whatever_device_fitted_it(tmp_path, monkeypatch):
+    # a Trojan trigger fitted on a GPU holds CUDA tensors; read back on a CPU-only machine it must not fail
+    seen = {}
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.update(k) or real(*a, **k))
+    first = attacks.cached_fit(tmp_path / "t", {"seed": 1}, lambda: {"x": torch.ones(2)})
+    again = attacks.cached_fit(tmp_path / "t", {"seed": 1}, lambda: pytest.fail("refitted a cached trigger"))
+    assert seen["map_location"] == "cpu" and torch.equal(first["x"], again["x"])

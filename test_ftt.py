@@ -450,7 +450,7 @@ class HostReads:
 def test_host_reads_per_epoch_do_not_grow_with_the_steps(stage, monkeypatch):
     # a GPU step must never wait for the host: the number of reads in an epoch is the same for 2 and 6
     # steps (rand_augment's CPU path reads its draw on the host; on a GPU it takes the other path; the
-    # first run fills rand_augment's table of magnitudes, read once per setting)
+    # first run fills rand_augment's tables of magnitudes and pixel maps, made once per setting)
     real = ftt.rand_augment
     monkeypatch.setattr(ftt, "rand_augment", lambda x, **kw: real(x, **{**kw, "gather": False}))
     counts = []
@@ -560,6 +560,37 @@ def test_each_rand_augment_op_is_one_of_torchvisions_randaugment_outcomes(c):
         assert any(torch.equal(y, o) for o in outcomes), f"seed {seed}: torchvision gave an outcome we cannot make"
 
 
+@pytest.mark.parametrize("shape", [(4, 3, 12, 12), (3, 1, 9, 7), (2, 3, 32, 32)])
+def test_geometric_ops_and_sharpness_give_torchvisions_images_to_the_bit(shape):
+    # the cached pixel maps and the written-out sharpness replace torchvision's calls on the training path;
+    # they must give exactly its images, both signs, odd sizes and grey images included
+    x = images(shape, 7)
+    for op in ftt.GEOMETRIC_OPS:
+        for sign in (1, -1):
+            for magnitude in (0, 9, 30):
+                assert torch.equal(ftt.rand_augment_op(x, op, sign, magnitude),
+                                   ftt.geometric_op(x, op, sign, magnitude, 31)), (op, sign, magnitude)
+    for factor in (0.1, 1.0, 1.9):
+        assert torch.equal(ftt.adjust_sharpness(x, factor), ftt.v2.functional.adjust_sharpness(x, factor)), factor
+
+
+def test_the_batched_rand_augment_makes_no_tensor_from_host_numbers_once_warm(monkeypatch):
+    # on a GPU a tensor made from Python numbers (torch.tensor / as_tensor) is a copy the host waits for;
+    # torchvision's affine, rotate and sharpness made 22 per round of RandAugment (44 per SSL step on an H100).
+    # Once the per-setting tables are filled, the batched path (the GPU's) makes none.
+    x = images((16, 3, 10, 10), 3)
+    ftt.rand_augment(x, gather=False)
+    made = []
+    for name in ("tensor", "as_tensor"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, _name=name, **k: made.append(_name) or _real(*a, **k))
+    ftt.v2.functional.affine(x, angle=10.0, translate=[0, 0], scale=1.0, shear=[0.0, 0.0])
+    assert made, "the probe must see torchvision's affine make its matrix from host numbers"
+    made.clear()
+    ftt.cutout(ftt.rand_augment(ftt.random_crop_flip(x), gather=False), 5)
+    assert made == []
+
+
 @given(st.integers(2, 12), seeds)
 def test_rand_augment_is_per_image_and_each_image_depends_only_on_itself(b, seed):
     x = images((1, 3, 10, 10), seed).repeat(b, 1, 1, 1)
@@ -629,6 +660,51 @@ def test_cli_flags_come_from_config_and_unknown_flags_fail():
             ftt.parse_args(bad)
 
 
+@given(st.floats(1e-5, 1.0), st.floats(1e-5, 10.0))
+def test_lr_ladder_climbs_in_1_3_10_steps_from_start_to_at_most_top(start, top):
+    ladder = ftt.lr_ladder(start, top)
+    assert ladder[0] == start and ladder == sorted(ladder) and len(set(ladder)) == len(ladder)
+    assert all(lr <= top * (1 + 1e-9) for lr in ladder[1:])
+    assert start * 10 ** ((len(ladder)) // 2) * (3 if len(ladder) % 2 else 1) > top * (1 + 1e-9)  # the next is above
+    for j, (a, b) in enumerate(zip(ladder, ladder[1:])):
+        assert b / a == pytest.approx(3 if j % 2 == 0 else 10 / 3, rel=1e-9)  # x3, x10, x30, ...
+    assert ftt.lr_ladder(0.01, 0.1) == [0.01, 0.03, 0.1] and ftt.lr_ladder(0.05, 0.05) == [0.05]
+
+
+def test_survived_needs_a_visible_excess_and_a_quarter_of_it_kept():
+    e = lambda v: torch.tensor([v, -v], dtype=torch.float64)
+    before = e(0.10)
+    assert ftt.survived(before, e(0.025), 0) and not ftt.survived(before, e(0.0249), 0)
+    assert not ftt.survived(e(0.0299), e(0.0299), 0)  # under POOL_SIGNAL: nothing to follow
+    assert ftt.survived(before, e(0.2), 0) and not ftt.survived(before, e(-0.05), 0)
+
+
+@given(st.integers(2, 12), st.integers(1, 60), seeds)
+def test_class_excess_is_zero_when_predictions_follow_the_labels_and_always_sums_to_zero(k, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, k, (n,), generator=g)
+    assert torch.equal(ftt.class_excess(labels[torch.randperm(n, generator=g)], labels, k), torch.zeros(k, dtype=torch.float64))
+    pred = torch.randint(0, k, (3 * n,), generator=g)
+    e = ftt.class_excess(pred, labels, k)
+    assert e.shape == (k,) and abs(float(e.sum())) < 1e-12 and float(e.abs().max()) <= 1
+
+
+@given(st.integers(2, 10), st.integers(1, 20), st.integers(0, 30), seeds)
+def test_class_excess_counts_exactly_the_images_sent_to_the_target(k, per_class, sent, seed):
+    # a pool predicted exactly like the clean labels, then `sent` of its non-target images moved to the
+    # target: the target's excess is sent / N, and the report names it, in points
+    labels = torch.arange(k).repeat(per_class)
+    pred = labels.clone()
+    others = (pred != 0).nonzero().flatten()
+    sent = min(sent, len(others))
+    pred[others[torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))[:sent]]] = 0
+    e = ftt.class_excess(pred, labels, k)
+    assert float(e[0]) == pytest.approx(sent / len(labels), abs=1e-12)
+    if sent:
+        r = ftt.pool_report(e, suspect=0)
+        assert r["class"] == 0 and r["excess_pp"] == r["suspect_pp"] == round(100 * sent / len(labels), 2)
+
+
 # ------------------------------------------------------------------ end to end
 
 # The tiny setting: Fashion-MNIST (real), 5,000 training images, WRN-10-1, BadNets at 10%, trained by
@@ -648,11 +724,33 @@ def test_sad_removes_a_real_badnets_backdoor(seed, tmp_path):
     assert r["before"]["asr"] >= 80, f"the attack did not take: {r}"
     assert r["sad"]["asr"] <= 20, f"SAD left the backdoor in: {r}"
     assert r["sad"]["acc"] >= r["before"]["acc"] - 10, f"SAD cost too much accuracy: {r}"
+    # the defender-side check sees it without the trigger: before, the pool's excess is in the target class;
+    # after, that class keeps less than half of it (no warning)
+    assert r["before"]["pool"]["class"] == cfg.target and r["before"]["pool"]["excess_pp"] >= 5, r
+    assert r["sad"]["pool"]["suspect"] == cfg.target and \
+        r["sad"]["pool"]["suspect_pp"] < ftt.POOL_KEEP * r["before"]["pool"]["excess_pp"], r
+
+
+def test_pool_check_warns_when_the_backdoor_survives(tmp_path, capsys):
+    # the same tiny backdoor, SAD at a negligible lr: the model keeps it, and so does the pool's excess
+    needs_fashion()
+    cfg = ftt.Config(**{**TINY, "sad_epochs": 1, "sad_lr": 1e-6, "sad_lr_max": 3e-6}, out=str(tmp_path / "run"),
+                     cache=str(tmp_path / "c"))
+    r = ftt.main(cfg)["results"]
+    out = capsys.readouterr().out
+    report("pool_check_survives", before=r["before"], tried=r["sad_tried"], sad=r["sad"])
+    # the first lr fails the check, SAD runs again from the backdoored model at the next, which fails too
+    assert [t["lr"] for t in r["sad_tried"]] == [1e-6] and r["sad"]["lr"] == 3e-6
+    for after in r["sad_tried"] + [r["sad"]]:
+        assert after["asr"] >= 80 and after["pool"]["suspect"] == cfg.target
+        assert after["pool"]["suspect_pp"] >= ftt.POOL_KEEP * r["before"]["pool"]["excess_pp"]
+    assert out.count("the backdoor survived") == 2 and "SAD again from the backdoored model at lr 3e-06" in out
 
 
 def test_main_runs_both_stages_and_saves_a_plain_backbone_with_its_results(tmp_path, capsys):
     needs_fashion()
     cfg = ftt.Config(**{**TINY, "train_size": 800, "test_size": 200, "attack_epochs": 1, "sad_epochs": 1,
+                        "sad_lr_max": ftt.Config.sad_lr,  # one SAD attempt (the ladder has its own tests)
                         "ssl_epochs": 1, "mu": 2, "quiet": False}, out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
     report = ftt.main(cfg)
     lines = capsys.readouterr().out.splitlines()
@@ -684,6 +782,8 @@ BAD = [  # (flags, text the one line must contain)
     (["--threshold", "1.5"], "--threshold"),
     (["--threshold", "-0.1"], "--threshold"),
     (["--sad-epochs", "-1"], "--sad-epochs"),
+    (["--sad-lr-max", "0"], "--sad-lr-max"),
+    (["--sad-lr", "0.5"], "--sad-lr-max"),  # above the ladder's top
     (["--ssl-epochs", "-3"], "--ssl-epochs"),
     (["--batch-size", "0"], "--batch-size"),
     (["--model", "/nonexistent/model.pt"], "--model"),
@@ -792,8 +892,9 @@ SURVIVE = ["--dataset", "fashion-mnist", "--arch", "wrn10-1", "--train-size", "2
            "--threshold", "0.5"]
 
 
-def run_ftt(flags, out, kill_at=None):
-    """Run `python ftt.py` in a subprocess; with kill_at, SIGKILL it as soon as that progress text shows."""
+def run_ftt(flags, out, kill_at=None, nth=1):
+    """Run `python ftt.py` in a subprocess; with kill_at, SIGKILL it as soon as that progress text shows
+    for the nth time."""
     import subprocess
     import sys
     p = subprocess.Popen([sys.executable, ftt.__file__, *flags, "--out", str(out)], stdout=subprocess.PIPE,
@@ -801,7 +902,7 @@ def run_ftt(flags, out, kill_at=None):
     seen = []
     for line in p.stdout:
         seen.append(line)
-        if kill_at and kill_at in line:
+        if kill_at and kill_at in line and sum(kill_at in s for s in seen) == nth:
             p.kill()  # SIGKILL: no handler, no cleanup, like a lost machine
             break
     p.wait()
@@ -829,6 +930,23 @@ def test_killed_run_resumed_ends_exactly_like_an_uninterrupted_one(tmp_path):
     assert not (tmp_path / "cut" / "checkpoint.pt").exists()  # a finished run leaves no checkpoint
 
 
+def test_a_run_killed_in_its_second_sad_attempt_resumes_that_attempt(tmp_path):
+    # lr 1e-6 then 3e-6: both leave the backdoor, so the pool check sends SAD round twice; killed inside
+    # the second attempt, the resumed run continues that attempt (not the first) and ends like the whole run
+    needs_fashion()
+    flags = SURVIVE + ["--sad-lr", "1e-6", "--sad-lr-max", "3e-6", "--ssl-epochs", "1", "--cache", str(tmp_path / "c")]
+    rc, log = run_ftt(flags, tmp_path / "whole")
+    assert rc == 0 and "SAD again from the backdoored model at lr 3e-06" in log, log
+    rc, log = run_ftt(flags, tmp_path / "cut", kill_at="sad epoch   2/3", nth=2)
+    assert rc == -9 and torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["extra"] == {"sad_lr": 3e-6}
+    rc, log = run_ftt(flags + ["--resume"], tmp_path / "cut")
+    assert rc == 0 and "resumed after epoch" in log and "sad epoch   1/3" not in log, log
+    whole, cut = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "cut"))
+    assert cut["results"] == whole["results"] and [t["lr"] for t in whole["results"]["sad_tried"]] == [1e-6]
+    a, b = (torch.load(tmp_path / d / "purified.pt", weights_only=True) for d in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_with_other_flags_is_refused_before_training(tmp_path):
     needs_fashion()
     rc, log = run_ftt(SURVIVE + ["--cache", str(tmp_path / "c")], tmp_path / "o", kill_at="sad epoch   1/3")
@@ -841,7 +959,8 @@ def test_resume_with_other_flags_is_refused_before_training(tmp_path):
 
 def test_non_finite_loss_names_stage_epoch_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     needs_fashion()
-    flags = SURVIVE + ["--sad-lr", "1e30", "--quiet", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")]
+    flags = SURVIVE + ["--sad-lr", "1e30", "--sad-lr-max", "1e30", "--quiet", "--cache", str(tmp_path / "c"),
+                       "--out", str(tmp_path / "o")]
     assert ftt.cli(flags) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "non-finite loss" in err and "in sad, epoch 1, step" in err, err
@@ -888,8 +1007,9 @@ def test_own_folders_purify_a_handed_model_end_to_end(tmp_path):
     report = ftt.main(ftt.Config(model=str(tmp_path / "handed.pt"), arch="wrn10-1", clean_dir=str(tmp_path / "clean"),
                                  unlabeled_dir=str(tmp_path / "unlabelled"), test_dir=str(tmp_path / "test"),
                                  sad_epochs=1, ssl_epochs=1, batch_size=4, mu=1, quiet=True, out=str(tmp_path / "o")))
-    assert set(report["results"]) == {"before", "sad", "ssl"} and report["classes"] == ["0", "1", "2"]
-    for r in report["results"].values():
+    # (an untrained handed model over-predicts some class on the pool, so SAD may have gone up its lr ladder)
+    assert set(report["results"]) - {"sad_tried"} == {"before", "sad", "ssl"} and report["classes"] == ["0", "1", "2"]
+    for r in [report["results"][k] for k in ("before", "sad", "ssl")] + report["results"].get("sad_tried", []):
         assert 0 <= r["acc"] <= 100 and 0 <= r["asr"] <= 100
     assert report["counts"] == {"clean": 18, "unlabelled": 18, "test": 18, "backdoor_test": 12}
     ftt.build_backbone("wrn10-1", 3, 3).load_state_dict(torch.load(tmp_path / "o" / "purified.pt", weights_only=True))
@@ -900,8 +1020,9 @@ def test_own_folders_without_test_or_unlabelled_images_report_what_they_can(tmp_
     torch.save(ftt.build_backbone("wrn10-1", 3, 3).state_dict(), tmp_path / "handed.pt")
     report = ftt.main(ftt.Config(model=str(tmp_path / "handed.pt"), arch="wrn10-1", clean_dir=str(tmp_path / "clean"),
                                  attack="none", sad_epochs=1, batch_size=4, quiet=True, out=str(tmp_path / "o")))
-    assert set(report["results"]) == {"before", "sad"}  # no unlabelled images: no stage 2
-    assert report["results"]["sad"] == {"acc": None, "asr": None}  # nothing to measure on, and valid JSON
+    assert set(report["results"]) == {"before", "sad"}  # no unlabelled images: no stage 2, and no pool check,
+    # so SAD ran once at the top of its lr ladder; nothing to measure on, and valid JSON
+    assert report["results"]["sad"] == {"acc": None, "asr": None, "lr": ftt.Config.sad_lr_max}
     json.loads((tmp_path / "o" / "results.json").read_text())
 
 
@@ -932,11 +1053,20 @@ def test_bench_times_every_step_kind_and_writes_its_table_as_json(tmp_path):
     import bench
     r = bench.main(["--arch", "wrn10-1", "--shape", "1,8,8", "--batch", "4", "--mu", "2", "--windows", "2",
                     "--steps", "1", "--warmup", "1", "--pool", "32", "--json", str(tmp_path / "b.json")])
-    assert set(r["rows"]) == {"plain@b", "plain@b(1+mu)", "plain@b(1+mu), pipeline", "sad", "ssl, pipeline",
-                              "ssl, in memory"}
+    assert set(r["rows"]) == {"plain@b", "plain@attack", "plain@b(1+mu)", "plain@b(1+mu), pipeline", "sad",
+                              "ssl, pipeline", "ssl, in memory"}
     assert all(row["images_per_s"] > 0 and len(row["windows"]) == 2 for row in r["rows"].values())
     assert r["ratios"]["sad / plain@b"] == r["rows"]["sad"]["images_per_s"] / r["rows"]["plain@b"]["images_per_s"]
     assert r["flops_per_image_train_step"] > 0 and json.loads((tmp_path / "b.json").read_text())["arch"] == "wrn10-1"
+    assert r["achieved_by"] == "plain@b(1+mu)"
+    # --row: only those rows, and only the ratios between rows that ran
+    few = ["--arch", "wrn10-1", "--shape", "1,8,8", "--batch", "4", "--windows", "1", "--steps", "1", "--warmup", "0",
+           "--pool", "32", "--json", str(tmp_path / "c.json")]
+    r = bench.main(few + ["--row", "ssl, pipeline", "--row", "ssl, in memory"])
+    assert set(r["rows"]) == {"ssl, pipeline", "ssl, in memory"} and set(r["ratios"]) == {"ssl: pipeline / in memory"}
+    assert r["achieved_by"] is None and r["achieved_flops_per_s_plain"] == 0
+    with pytest.raises(SystemExit, match="no row"):
+        bench.main(few + ["--row", "plain@b", "--row", "plane"])
 
 
 @given(st.sampled_from([0.0, 0.25, 0.5, 0.75]), seeds)
