@@ -155,6 +155,12 @@ for j in range(len(cols)):
 out.append("| Average | " + " | ".join(f"{fmt(a and a['asr'])} | {fmt(a and a['acc'])}" for a in avg) + " |")
 dev = lambda a, k: "-" if a is None or avg[0] is None else f"{a[k] - avg[0][k]:+.2f}"
 out.append("| Deviation | - | - | " + " | ".join(f"{dev(a, 'asr')} | {dev(a, 'acc')}" for a in avg[1:]) + " |")
+if any(c and "ra" in c for cells in table.values() for c in cells):  # cells run since RA was recorded
+    out += ["\nRA, the triggered test images scored against their own classes (a backdoor that moved to another "
+            "class shows here, not in ASR):\n", "| attack | " + " | ".join(c for c, _, _ in cols) + " |",
+            "|---|" + "---|" * len(cols)]
+    out += [f"| {os.path.basename(r)} | " + " | ".join(fmt(c and c.get("ra")) for c in cells) + " |"
+            for r, cells in table.items()]
 print("\n".join(out))
 PY
 }

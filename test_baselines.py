@@ -136,6 +136,7 @@ def test_ft_fp_and_nad_lower_the_asr_of_the_tiny_backdoor(method, backdoored):
     r = baselines.run(dataclasses.replace(cfg, out=str(root / method)), baselines.Baseline(method=method))["results"]
     report(f"baseline[{method}]", **r)
     assert r["after"]["asr"] <= 20, r
+    assert set(r["after"]) == set(r["before"]) == {"acc", "asr", "ra"}, r  # RA as ftt.py reports it
     if method != "nad":
         assert r["after"]["acc"] >= r["before"]["acc"] - 20, r
 

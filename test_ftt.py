@@ -679,6 +679,25 @@ def test_survived_needs_a_visible_excess_and_a_quarter_of_it_kept():
     assert ftt.survived(before, e(0.2), 0) and not ftt.survived(before, e(-0.05), 0)
 
 
+@given(st.integers(3, 10), st.integers(0, 40), st.integers(0, 40), st.integers(0, 40), seeds)
+def test_moved_names_the_class_that_takes_most_of_the_images_leaving_the_suspect(k, stay, to_a, to_b, seed):
+    # the backdoored model put stay + to_a + to_b pool images in class 0 (and 7 more elsewhere); the purified one
+    # keeps `stay` there and sends to_a to class a, to_b to class b: moved counts exactly those that left
+    g = torch.Generator().manual_seed(seed)
+    a, b = (1 + torch.randperm(k - 1, generator=g)[:2]).tolist()
+    before = torch.cat([torch.zeros(stay + to_a + to_b, dtype=torch.long), torch.full((7,), k - 1)])
+    after = torch.cat([torch.zeros(stay, dtype=torch.long), torch.full((to_a,), a), torch.full((to_b,), b),
+                       torch.full((7,), a)])  # images that were not in the suspect class before do not count
+    perm = torch.randperm(len(before), generator=g)
+    cls, share, size = ftt.moved(before[perm], after[perm], 0, k)
+    if to_a + to_b == 0:
+        assert (cls, share, size) == (-1, 0.0, 0.0)
+    else:
+        top = max(to_a, to_b)
+        assert cls in ((a,) if to_a > to_b else (b,) if to_b > to_a else (a, b))
+        assert share == top / (to_a + to_b) and size == top / len(before)
+
+
 @given(st.integers(2, 12), st.integers(1, 60), seeds)
 def test_class_excess_is_zero_when_predictions_follow_the_labels_and_always_sums_to_zero(k, n, seed):
     g = torch.Generator().manual_seed(seed)
@@ -729,6 +748,10 @@ def test_sad_removes_a_real_badnets_backdoor(seed, tmp_path):
     assert r["before"]["pool"]["class"] == cfg.target and r["before"]["pool"]["excess_pp"] >= 5, r
     assert r["sad"]["pool"]["suspect"] == cfg.target and \
         r["sad"]["pool"]["suspect_pp"] < ftt.POOL_KEEP * r["before"]["pool"]["excess_pp"], r
+    # the images that left the target spread over their own classes (no class takes most of them), and the
+    # triggered test images get their own classes back (RA): the backdoor went, it did not move
+    assert r["sad"]["pool"]["left_share"] < ftt.POOL_MOVED, r
+    assert r["sad"]["ra"] >= r["before"]["ra"] + 50, r
 
 
 def test_pool_check_warns_when_the_backdoor_survives(tmp_path, capsys):
@@ -767,6 +790,21 @@ def test_main_runs_both_stages_and_saves_a_plain_backbone_with_its_results(tmp_p
     plain.load_state_dict(torch.load(tmp_path / "run" / "purified.pt", weights_only=True), strict=True)
 
 
+def test_ssl_pool_drop_suspect_leaves_out_exactly_what_the_backdoored_model_puts_in_the_suspect_class(tmp_path, capsys):
+    needs_fashion()
+    cfg = ftt.Config(**{**TINY, "train_size": 1500, "test_size": 100, "attack_epochs": 2, "sad_epochs": 1,
+                        "sad_lr_max": ftt.Config.sad_lr, "ssl_epochs": 1, "mu": 2}, ssl_pool="drop-suspect",
+                     out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
+    r = ftt.main(cfg)["results"]
+    x_u = ftt.load_data(cfg, torch.device("cpu"))["x_u"]
+    backdoored = ftt.build_backbone(cfg.arch, 1, 10)
+    backdoored.load_state_dict(torch.load(tmp_path / "run" / "backdoored.pt", weights_only=True))
+    suspect = r["before"]["pool"]["class"]
+    in_suspect = int((ftt.predictions(backdoored, x_u, torch.device("cpu")) == suspect).sum())
+    assert r["ssl_pool"] == {"dropped": in_suspect, "kept": len(x_u) - in_suspect, "suspect": suspect} and in_suspect > 0
+    assert f"leaves out the {in_suspect} pool images" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------ bad input: one line, exit code 2, nothing touched
 
 FMNIST_QUICK = ["--dataset", "fashion-mnist", "--arch", "wrn10-1", "--train-size", "200", "--test-size", "50"]
@@ -785,6 +823,7 @@ BAD = [  # (flags, text the one line must contain)
     (["--sad-lr-max", "0"], "--sad-lr-max"),
     (["--sad-lr", "0.5"], "--sad-lr-max"),  # above the ladder's top
     (["--ssl-epochs", "-3"], "--ssl-epochs"),
+    (["--ssl-pool", "some"], "--ssl-pool"),
     (["--batch-size", "0"], "--batch-size"),
     (["--model", "/nonexistent/model.pt"], "--model"),
     (["--out", "FILE/sub"], "--out"),  # FILE: a regular file, so nothing can be written below it
