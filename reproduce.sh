@@ -208,20 +208,21 @@ PY
       --unlabeled-dir "$d/unlabelled" --test-dir "$d/test" --attack badnets --sad-epochs 10 --sad-lr 0.05 --sad-lr-max 0.05 \
       --ssl-epochs 2 --overwrite --out "$d/purified" "$@" ;;
   quick)
-    # Table 1's layout offline on 2 CPU cores, under an hour: Fashion-MNIST (20,000 training images, 2,000 test),
-    # WRN-16-1, all six attacks; attacker 5 epochs; every defence 10 epochs at lr 0.05 on the same 5% clean subset
+    # Table 1's layout offline on 2 CPU cores, about an hour: Fashion-MNIST (20,000 training images, 2,000 test),
+    # WRN-16-1, all six attacks; attacker 5 epochs; every defence with its defaults on the same 5% clean subset
     dir="$RUNS/quick"; CELLS=30
     BASELINE_FLAGS=${BASELINE_FLAGS:-"--anp-iters 200"}
     flags=(--dataset fashion-mnist --arch wrn16-1 --train-size 20000 --test-size 2000 --attack-epochs 5 --attack-lr 0.05
-           --no-attack-augment --reference-epochs 3 --sad-epochs 10 --sad-lr 0.05 --sad-lr-max 0.05 --ssl-epochs 1 --quiet "$@")
+           --no-attack-augment --reference-epochs 3 --quiet "$@")
     for a in badnets trojan blended low-frequency wanet atteq-nn; do row "$dir/$a" --attack "$a" "${flags[@]}"; done
     method_table "./reproduce.sh quick: Fashion-MNIST, WRN-16-1 (2 CPU cores)" "$dir"/{badnets,trojan,blended,low-frequency,wanet,atteq-nn} \
       | tee "$dir/table.md" ;;
   quick-ablation)
-    # Table 4's question on quick's backdoored models (run quick first): stage 2 alone, with and without the AP terms
+    # Table 4's question on quick's backdoored models (run quick first): stage 2 alone, with and without the AP
+    # terms, on all of the pool as in the paper (--ssl-pool all: the default would leave the triggered images out)
     dir="$RUNS/quick-ablation"; CELLS=4
     flags=(--dataset fashion-mnist --arch wrn16-1 --train-size 20000 --test-size 2000 --reference-epochs 3
-           --sad-epochs 0 --sad-lr 0.05 --sad-lr-max 0.05 --ssl-epochs 1 --quiet "$@")
+           --sad-epochs 0 --ssl-pool all --quiet "$@")
     for a in badnets blended; do
       cell "$dir/$a-without-stage1" ftt.py --attack "$a" --model "$RUNS/quick/$a/ftt/backdoored.pt" "${flags[@]}"
       cell "$dir/$a-without-sad" ftt.py --attack "$a" --beta 0 --model "$RUNS/quick/$a/ftt/backdoored.pt" "${flags[@]}"
@@ -242,9 +243,10 @@ PY
   table3)
     dir="$RUNS/table3"; CELLS=16
     for a in atteq-nn badnets blended low-frequency; do  # the pool's share changes the defender's data only:
-      cell "$dir/$a/share-0" ftt.py --attack "$a" --pool-poison-share 0 "$@"  # one attacker per attack
+      # one attacker per attack; SSL on all of the pool, as in the paper (the default leaves the suspect class out)
+      cell "$dir/$a/share-0" ftt.py --attack "$a" --pool-poison-share 0 --ssl-pool all "$@"
       for s in 0.25 0.5 0.75; do
-        cell "$dir/$a/share-$s" ftt.py --attack "$a" --pool-poison-share "$s" --model "$dir/$a/share-0/backdoored.pt" "$@"
+        cell "$dir/$a/share-$s" ftt.py --attack "$a" --pool-poison-share "$s" --ssl-pool all --model "$dir/$a/share-0/backdoored.pt" "$@"
       done
     done
     table "Table 3: poisoned share of the unlabelled pool (ASR/ACC after SAD+SSL are the last two)" "$dir"/*/share-*/results.json | tee "$dir/table.md" ;;
@@ -253,9 +255,10 @@ PY
     for a in badnets blended atteq-nn; do  # Table 1's backdoored model when table1 ran, else one trained here
       model="$RUNS/table1/$a/ftt/backdoored.pt"; given=(--model "$model")
       [ -f "$model" ] || { model="$dir/$a/full/backdoored.pt"; given=(); }
-      cell "$dir/$a/full" ftt.py --attack "$a" "${given[@]}" "$@"   # its SAD column is "without SSL"
-      cell "$dir/$a/without-stage1" ftt.py --attack "$a" --sad-epochs 0 --model "$model" "$@"
-      cell "$dir/$a/without-sad" ftt.py --attack "$a" --sad-epochs 0 --beta 0 --model "$model" "$@"
+      # SSL on all of the pool, as in the paper (the default leaves the suspect class out)
+      cell "$dir/$a/full" ftt.py --attack "$a" --ssl-pool all "${given[@]}" "$@"   # its SAD column is "without SSL"
+      cell "$dir/$a/without-stage1" ftt.py --attack "$a" --sad-epochs 0 --ssl-pool all --model "$model" "$@"
+      cell "$dir/$a/without-sad" ftt.py --attack "$a" --sad-epochs 0 --beta 0 --ssl-pool all --model "$model" "$@"
     done
     table "Table 4: ablation (full: SAD+SSL; without SSL: the SAD columns of full; without-stage1 (no stage 1, eq. 7
 whole in stage 2) and without-sad (no stage 1 and beta 0: no attention distillation at all): the SAD+SSL columns)" \

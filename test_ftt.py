@@ -784,16 +784,16 @@ def test_main_runs_both_stages_and_saves_a_plain_backbone_with_its_results(tmp_p
     assert all({"lr", "acc", "asr", "images_per_s"} <= set(r) for r in log) and "mask" in log[-1] and "ap" in log[1]
     assert log[-1]["acc"] == report["results"]["ssl"]["acc"]  # the last epoch's evaluation is the result
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert saved["results"] == report["results"] and set(saved["results"]) == {"before", "sad", "ssl"}
+    assert saved["results"] == report["results"] and set(saved["results"]) - {"ssl_pool"} == {"before", "sad", "ssl"}
     assert saved["config"]["seed"] == 0 and "torch" in saved["versions"] and saved["timings"]["total_s"] > 0
     plain = ftt.build_backbone("wrn10-1", 1, 10)
     plain.load_state_dict(torch.load(tmp_path / "run" / "purified.pt", weights_only=True), strict=True)
 
 
-def test_ssl_pool_drop_suspect_leaves_out_exactly_what_the_backdoored_model_puts_in_the_suspect_class(tmp_path, capsys):
+def test_ssl_pool_leaves_out_by_default_exactly_what_the_backdoored_model_puts_in_the_suspect_class(tmp_path, capsys):
     needs_fashion()
     cfg = ftt.Config(**{**TINY, "train_size": 1500, "test_size": 100, "attack_epochs": 2, "sad_epochs": 1,
-                        "sad_lr_max": ftt.Config.sad_lr, "ssl_epochs": 1, "mu": 2}, ssl_pool="drop-suspect",
+                        "sad_lr_max": ftt.Config.sad_lr, "ssl_epochs": 1, "mu": 2},  # --ssl-pool: its default
                      out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
     r = ftt.main(cfg)["results"]
     x_u = ftt.load_data(cfg, torch.device("cpu"))["x_u"]
@@ -963,7 +963,8 @@ def test_killed_run_resumed_ends_exactly_like_an_uninterrupted_one(tmp_path):
     rc, log = run_ftt(flags + ["--resume"], tmp_path / "cut")
     assert rc == 0, log
     whole, cut = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "cut"))
-    assert cut["results"] == whole["results"] and set(whole["results"]) == {"before", "sad", "ssl"}
+    # (the stage-2 pool is chosen again on resume: "ssl_pool", when present, must match too)
+    assert cut["results"] == whole["results"] and set(whole["results"]) - {"ssl_pool"} == {"before", "sad", "ssl"}
     a, b = (torch.load(tmp_path / d / "purified.pt", weights_only=True) for d in ("whole", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run's"
     assert not (tmp_path / "cut" / "checkpoint.pt").exists()  # a finished run leaves no checkpoint
@@ -1047,11 +1048,28 @@ def test_own_folders_purify_a_handed_model_end_to_end(tmp_path):
                                  unlabeled_dir=str(tmp_path / "unlabelled"), test_dir=str(tmp_path / "test"),
                                  sad_epochs=1, ssl_epochs=1, batch_size=4, mu=1, quiet=True, out=str(tmp_path / "o")))
     # (an untrained handed model over-predicts some class on the pool, so SAD may have gone up its lr ladder)
-    assert set(report["results"]) - {"sad_tried"} == {"before", "sad", "ssl"} and report["classes"] == ["0", "1", "2"]
+    assert set(report["results"]) - {"sad_tried", "ssl_pool"} == {"before", "sad", "ssl"} and report["classes"] == ["0", "1", "2"]
     for r in [report["results"][k] for k in ("before", "sad", "ssl")] + report["results"].get("sad_tried", []):
         assert 0 <= r["acc"] <= 100 and 0 <= r["asr"] <= 100
     assert report["counts"] == {"clean": 18, "unlabelled": 18, "test": 18, "backdoor_test": 12}
     ftt.build_backbone("wrn10-1", 3, 3).load_state_dict(torch.load(tmp_path / "o" / "purified.pt", weights_only=True))
+
+
+def test_a_model_that_puts_every_pool_image_in_one_class_leaves_stage_2_all_of_the_pool(tmp_path, capsys):
+    # drop-suspect would leave stage 2 nothing: it keeps the whole pool and says so
+    image_folders(tmp_path)
+    handed = ftt.build_backbone("wrn10-1", 3, 3)
+    with torch.no_grad():
+        handed.head[-1].weight.zero_()
+        handed.head[-1].bias.copy_(torch.tensor([9.0, 0.0, 0.0]))
+    torch.save(handed.state_dict(), tmp_path / "handed.pt")
+    report = ftt.main(ftt.Config(model=str(tmp_path / "handed.pt"), arch="wrn10-1", clean_dir=str(tmp_path / "clean"),
+                                 unlabeled_dir=str(tmp_path / "unlabelled"), test_dir=str(tmp_path / "test"),
+                                 sad_epochs=1, sad_lr_max=ftt.Config.sad_lr, ssl_epochs=1, batch_size=4, mu=1,
+                                 quiet=True, out=str(tmp_path / "o")))
+    assert report["results"]["before"]["pool"]["class"] == 0 and "ssl_pool" not in report["results"]
+    assert "puts every pool image in class 0, so stage 2 uses all of it" in capsys.readouterr().out
+    assert "ssl" in report["results"]
 
 
 def test_own_folders_without_test_or_unlabelled_images_report_what_they_can(tmp_path):
