@@ -288,14 +288,11 @@ def prepare(cfg: ftt.Config) -> dict:
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    evaluate = lambda m: (ftt.accuracy(m, x_te, y_te, device, cfg.channels_last),
-                          ftt.accuracy(m, x_bd, y_bd, device, cfg.channels_last))
-    y_ra = d.get("y_bd_true")  # RA as ftt.py reports it: the triggered test images scored against their own classes
-    ra = ((lambda m: {"ra": ftt.accuracy(m, x_bd, y_ra.to(device), device, cfg.channels_last)})
-          if y_ra is not None and len(y_ra) else (lambda m: {}))
-    return {"device": device, "d": d, "x_l": x_l, "y_l": y_l, "evaluate": evaluate, "ra": ra, "model": model,
-            "read": read, "before": {**ftt.measured(evaluate(model)), **ra(model)}, "rng": torch.get_rng_state(),
-            "data_s": time.time() - t0}
+    y_ra = d.get("y_bd_true")  # ACC, ASR and RA as ftt.py reports them
+    evaluate = ftt.evaluator(x_te, y_te, x_bd, y_bd, y_ra.to(device) if y_ra is not None and len(y_ra) else None,
+                             device, cfg.channels_last)
+    return {"device": device, "d": d, "x_l": x_l, "y_l": y_l, "evaluate": evaluate, "model": model, "read": read,
+            "before": ftt.measured(evaluate(model)), "rng": torch.get_rng_state(), "data_s": time.time() - t0}
 
 
 def run(cfg: ftt.Config, b: Baseline, prep: dict | None = None) -> dict:
@@ -325,7 +322,7 @@ def run(cfg: ftt.Config, b: Baseline, prep: dict | None = None) -> dict:
         model, info = anp(model, x_l, y_l, cfg, b, device)
         info = {"pruned_neurons": info["pruned"], "neurons": info["neurons"], "held_out_acc": info["held_out_acc"],
                 "held_out_acc_unpruned": info["held_out_acc_unpruned"]}
-    results["after"] = {**ftt.measured(evaluate(model)), **prep["ra"](model)}
+    results["after"] = ftt.measured(evaluate(model))
     d = prep["d"]
     report = {"method": b.method, "baseline": dataclasses.asdict(b), "config": dataclasses.asdict(cfg),
               "results": results, "info": info, "model": prep["read"], "trigger": d["trigger"], "counts": d["counts"],

@@ -1166,7 +1166,7 @@ STAGE_ORDER = ("ref", "attack", "ft", "fp", "nad-t", "nad", "sad", "ssl")  # for
 
 @dataclass
 class Monitor:
-    """What the training loops report to. The loops evaluate (evaluate(model) -> (ACC, ASR)) when
+    """What the training loops report to. The loops evaluate (evaluate(model) -> (ACC, ASR[, RA])) when
     evaluation_due says so; Progress prints and logs. later_s: the estimated seconds of each stage,
     for the ETA of the whole run."""
     evaluate: object = lambda model: (float("nan"), float("nan"))
@@ -1231,13 +1231,13 @@ class Progress:
         self.train_s += time.time() - self.tick
 
     def epoch(self, epoch: int, parts: dict[str, float], lr: float, acc: float = float("nan"),
-              asr: float = float("nan")) -> None:
+              asr: float = float("nan"), ra: float = float("nan")) -> None:
         rate = self.images / max(self.train_s, 1e-9)
         stage_eta, run_eta = self.etas()
         if self.m.log is not None:
             row = {"stage": self.stage, "epoch": epoch, "epochs": self.epochs, "lr": lr, **parts,
                    "acc": None if math.isnan(acc) else acc, "asr": None if math.isnan(asr) else asr,
-                   "images_per_s": rate, "elapsed_s": time.time() - self.t0}
+                   **({} if math.isnan(ra) else {"ra": ra}), "images_per_s": rate, "elapsed_s": time.time() - self.t0}
             with open(self.m.log, "a") as f:
                 f.write(json.dumps(row) + "\n")
         if not self.m.quiet:
@@ -1326,15 +1326,30 @@ def predictions(model: nn.Module, x: Tensor, device: torch.device, channels_last
     return torch.cat(out)
 
 
+def hit_rate(pred: Tensor, y: Tensor) -> float:
+    """% of predictions equal to the labels (read once); NaN when there are none."""
+    if len(pred) == 0:
+        return float("nan")
+    return 100.0 * int((pred == y.to(pred.device)).sum()) / len(pred)
+
+
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, channels_last: bool = True,
              batch: int = 1024) -> float:
-    """Top-1 accuracy in % of model on uint8 images x (N, C, H, W); the model is put in eval mode.
-    Used for ACC (clean test set), ASR (backdoor test set, labels = target) and RA (the backdoor test set
-    with each image's own class: a backdoor that moved to another class shows here and not in ASR)."""
-    if len(x) == 0:
-        return float("nan")
-    correct = (predictions(model, x, device, channels_last, batch) == y.to(device)).sum()
-    return 100.0 * int(correct) / len(x)  # read once
+    """Top-1 accuracy in % of model on uint8 images x (N, C, H, W); the model is put in eval mode."""
+    return hit_rate(predictions(model, x, device, channels_last, batch), y)
+
+
+def evaluator(x_te: Tensor, y_te: Tensor, x_bd: Tensor, y_bd: Tensor, y_ra: Tensor | None, device: torch.device,
+              channels_last: bool = True):
+    """-> evaluate(model): (ACC, ASR), or (ACC, ASR, RA) where the triggered images' own classes y_ra are known.
+    ACC on the clean test set; ASR: the triggered test images put in the target (y_bd); RA: the same images
+    put in their own classes (a backdoor that moved to another class shows here and not in ASR). One pass
+    over the triggered images gives ASR and RA."""
+    def evaluate(model: nn.Module) -> tuple[float, ...]:
+        acc = accuracy(model, x_te, y_te, device, channels_last)
+        pred = predictions(model, x_bd, device, channels_last)
+        return (acc, hit_rate(pred, y_bd)) + ((hit_rate(pred, y_ra),) if y_ra is not None else ())
+    return evaluate
 
 
 def class_excess(pred: Tensor, labels: Tensor, k: int) -> Tensor:
@@ -1381,7 +1396,7 @@ def moved(pred_before: Tensor, pred_after: Tensor, suspect: int, k: int) -> tupl
     left = pred_after[(pred_before == suspect) & (pred_after != suspect)]
     if len(left) == 0:
         return -1, 0.0, 0.0
-    counts = torch.bincount(left.flatten().cpu(), minlength=k)
+    counts = torch.bincount(left.cpu(), minlength=k)
     top = int(counts.argmax())
     return top, float(counts[top]) / len(left), float(counts[top]) / len(pred_after)
 
@@ -1836,9 +1851,10 @@ def versions() -> dict:
             "cuda": torch.version.cuda, "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()}
 
 
-def measured(acc_asr: tuple[float, float]) -> dict:
-    """(ACC, ASR) -> {"acc", "asr"}, None where there was nothing to measure (JSON has no NaN)."""
-    return {k: (None if math.isnan(v) else v) for k, v in zip(("acc", "asr"), acc_asr)}
+def measured(acc_asr: tuple[float, ...]) -> dict:
+    """(ACC, ASR) or (ACC, ASR, RA) -> {"acc", "asr"[, "ra"]}, None where there was nothing to measure (JSON
+    has no NaN)."""
+    return {k: (None if math.isnan(v) else v) for k, v in zip(("acc", "asr", "ra"), acc_asr)}
 
 
 def main(cfg: Config) -> dict:
@@ -1859,17 +1875,10 @@ def main(cfg: Config) -> dict:
     # the defender-side check (class_excess) on a fixed sample of the pool
     probe = x_u[torch.randperm(len(x_u), generator=torch.Generator().manual_seed(cfg.seed))[:POOL_PROBE].to(device)]
     pool_pred = lambda m: predictions(m, probe, device, cfg.channels_last)
-    evaluate = lambda m: (accuracy(m, x_te, y_te, device, cfg.channels_last),
-                          accuracy(m, x_bd, y_bd, device, cfg.channels_last))
     y_ra = d.get("y_bd_true")
-    y_ra = y_ra.to(device) if y_ra is not None and len(y_ra) else None
-
-    def result(stage: str, m: nn.Module) -> dict:
-        """ACC and ASR at the end of a stage, and RA where the triggered images' own classes are known."""
-        r = measured(monitor.measure(stage, m))
-        if y_ra is not None:
-            r["ra"] = accuracy(m, x_bd, y_ra, device, cfg.channels_last)
-        return r
+    evaluate = evaluator(x_te, y_te, x_bd, y_bd, y_ra.to(device) if y_ra is not None and len(y_ra) else None,
+                         device, cfg.channels_last)
+    result = lambda stage, m: measured(monitor.measure(stage, m))  # ACC, ASR (and RA) at the end of a stage
     counts = {**d["counts"], "train": len(d.get("x_poisoned", ())), "clean": len(x_l), "unlabelled": len(x_u),
               "test": len(x_te), "backdoor_test": len(x_bd)}
 
