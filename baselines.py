@@ -3,10 +3,10 @@
     python baselines.py --method nad --model runs/x/backdoored.pt [the ftt.py flags of that run] --out runs/x/nad
     python baselines.py --method ft,fp,nad,anp --model ... --out runs/x    (runs/x/ft, ...: the data read once)
 
-Every method starts from the same backdoored checkpoint (--model), gets the same clean subset (ftt's
-poisoning and defender split, rebuilt from the same flags and seed), trains with the same budget as SAD
+Every method starts from the same backdoored checkpoint (--model), gets the same clean subset (loading.prepare:
+ftt's poisoning and defender split, rebuilt from the same flags and seed), trains with the same budget as SAD
 (--sad-epochs, --batch-size, crop + flip; lr --sad-lr-max, the top of SAD's ladder: 0.1, NAD's published lr)
-and is evaluated by the same code (ftt.accuracy).
+and is evaluated by the same code (harness.accuracy).
 Every threshold or stopping point is chosen on the defender's clean data only, never on the test set
 or a triggered image (BackdoorBench's FP and ANP select on test data; these do not).
 """
@@ -27,6 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ftt
+import harness
+import loading
+from augment import random_crop_flip
 
 Tensor = torch.Tensor
 METHODS = ("ft", "fp", "nad", "anp")
@@ -56,9 +59,9 @@ def holdout_split(n: int, share: float, seed: int, device) -> tuple[Tensor, Tens
 # ------------------------------------------------------------------ FT: fine-tuning on the clean subset
 
 def fine_tune(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, device: torch.device,
-              monitor: ftt.Monitor, stage: str = "ft") -> nn.Module:
-    ftt.train_supervised(model, lambda e: (x, y), cfg.sad_epochs, cfg.sad_lr_max, cfg.batch_size, cfg, device,
-                         stage, monitor, schedule=ftt.SCHEDULES[cfg.sad_schedule])
+              log: harness.RunLog, stage: str = "ft") -> nn.Module:
+    harness.train_supervised(model, lambda e: (x, y), cfg.sad_epochs, cfg.sad_lr_max, cfg.batch_size, cfg, device,
+                         stage, log, schedule=harness.SCHEDULES[cfg.sad_schedule])
     return model
 
 
@@ -75,13 +78,13 @@ def mean_activation(model: nn.Module, x: Tensor, device: torch.device, channels_
     model.eval()
     total = 0
     for i in range(0, len(x), 256):
-        h = ftt.stage_outputs(model, ftt.to_input(x[i:i + 256].to(device), channels_last))[-1]
+        h = ftt.stage_outputs(model, harness.to_input(x[i:i + 256].to(device), channels_last))[-1]
         total = total + h.float().mean((2, 3)).sum(0)
     return total / len(x)
 
 
 def fine_prune(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, device: torch.device,
-               monitor: ftt.Monitor) -> tuple[nn.Module, dict]:
+               log: harness.RunLog) -> tuple[nn.Module, dict]:
     """Prune the last stage's channels, least active on clean data first, as deep as the held-out part of
     the clean subset allows (ACC within b.margin points of unpruned), then fine-tune on the whole subset.
     The mask stays on the model as a forward hook (returned in the info, with the pruned channel indices)."""
@@ -90,7 +93,7 @@ def fine_prune(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Basel
     c = len(ranking)
     mask = torch.ones(c, device=device)
     hook = model.stages[-1].register_forward_hook(channel_mask_hook(mask))
-    acc = lambda: ftt.accuracy(model, x[hold], y[hold], device, cfg.channels_last)
+    acc = lambda: harness.accuracy(model, x[hold], y[hold], device, cfg.channels_last)
     base, chosen, step = acc(), 0, max(1, c // 64)
     for k in range(step, c, step):
         mask.fill_(1)
@@ -101,7 +104,7 @@ def fine_prune(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Basel
     mask.fill_(1)
     mask[ranking[:chosen]] = 0
     print(f"fp: pruned {chosen} of {c} channels (held-out clean ACC {base:.2f} -> {acc():.2f})", flush=True)
-    fine_tune(model, x, y, cfg, device, monitor, "fp")
+    fine_tune(model, x, y, cfg, device, log, "fp")
     return model, {"pruned": sorted(ranking[:chosen].tolist()), "channels": c, "hook": hook, "mask": mask}
 
 
@@ -125,23 +128,23 @@ def stage_features(model: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
 
 
 def nad(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, device: torch.device,
-        monitor: ftt.Monitor) -> nn.Module:
+        log: harness.RunLog) -> nn.Module:
     """Teacher: the backdoored model fine-tuned on the clean subset. Student: the backdoored model
     trained with CE plus sum_i beta_i nad_loss at the last len(betas) stages' outputs."""
-    teacher = fine_tune(copy.deepcopy(model), x, y, cfg, device, monitor, "nad-t").eval().requires_grad_(False)
+    teacher = fine_tune(copy.deepcopy(model), x, y, cfg, device, log, "nad-t").eval().requires_grad_(False)
     betas = b.nad_betas[-len(model.stages):]
-    opt = ftt.sgd(model.parameters(), cfg.sad_lr_max, cfg)
+    opt = harness.sgd(model.parameters(), cfg.sad_lr_max, cfg)
     steps = math.ceil(len(x) / cfg.batch_size)
-    sched = ftt.SCHEDULES[cfg.sad_schedule](opt, cfg.sad_epochs * steps)
-    prog = ftt.Progress("nad", cfg.sad_epochs, len(x), monitor)
+    sched = harness.SCHEDULES[cfg.sad_schedule](opt, cfg.sad_epochs * steps)
+    log.begin("nad", cfg.sad_epochs, len(x))
     for epoch in range(1, cfg.sad_epochs + 1):
         model.train()
         perm = torch.randperm(len(x), device=x.device)
-        sums, watch, lr_now = torch.zeros(2, device=device), ftt.FiniteWatch(device), sched.get_last_lr()[0]
+        sums, watch, lr_now = torch.zeros(2, device=device), harness.FiniteWatch(device), sched.get_last_lr()[0]
         for step, i in enumerate(range(0, len(x), cfg.batch_size)):
             idx = perm[i:i + cfg.batch_size]
-            xb = ftt.to_input(ftt.random_crop_flip(x[idx]), cfg.channels_last)
-            with ftt.autocast(device):
+            xb = harness.to_input(random_crop_flip(x[idx]), cfg.channels_last)
+            with harness.autocast(device):
                 logits, fs = stage_features(model, xb)
                 with torch.no_grad():
                     _, ft = stage_features(teacher, xb)
@@ -149,14 +152,13 @@ def nad(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, de
             at = sum(beta * nad_loss(s, t) for beta, s, t in zip(betas, fs[-len(betas):], ft[-len(betas):]))
             loss = ce + at
             watch.see(loss, step)
-            ftt.descend(opt, sched, loss)
+            harness.descend(opt, sched, loss)
             sums += torch.stack([ce, at]).detach()
-            prog.step(len(idx), epoch)
-        prog.pause()
+            log.step(len(idx), epoch)
+        log.pause()
         watch.check("nad", epoch)
         ce, at = (sums / steps).tolist()
-        acc_asr = monitor.evaluate_if_due("nad", epoch, cfg.sad_epochs, model)
-        prog.epoch(epoch, {"ce": ce, "at": at}, lr_now, *acc_asr)
+        log.end_epoch(epoch, model, {"ce": ce, "at": at}, lr_now)
     return model
 
 
@@ -216,7 +218,7 @@ def anp(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, de
     batch = 128
     for it in range(b.anp_iters):
         idx = torch.randint(len(x), (batch,), generator=g).to(x.device)
-        xb, yb = ftt.to_input(x[idx], cfg.channels_last), y[idx]
+        xb, yb = harness.to_input(x[idx], cfg.channels_last), y[idx]
         # maximise the loss over the perturbations (one step, from a random start, as ANP does)
         pert.perturb = True
         for p in pert.deltas + pert.xis:
@@ -230,7 +232,7 @@ def anp(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, de
         pert.perturb = False
         loss_nat = F.cross_entropy(model(xb).float(), yb)
         loss = b.anp_alpha * loss_nat + (1 - b.anp_alpha) * loss_rob
-        ftt.check_finite(loss, "anp", 1, it)
+        harness.check_finite(loss, "anp", 1, it)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -252,7 +254,7 @@ def anp(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, de
 
     def held_out_acc(k: int) -> float:
         prune_bn_scale(pert.bns, scales, offs(k))
-        return ftt.accuracy(model, x_hold, y_hold, device, cfg.channels_last)
+        return harness.accuracy(model, x_hold, y_hold, device, cfg.channels_last)
     base = held_out_acc(0)
     if b.anp_threshold:  # ANP's own rule: every neuron whose mask fell below the threshold
         k = int((flat < b.anp_threshold).sum())
@@ -271,64 +273,50 @@ def anp(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, de
 # ------------------------------------------------------------------ cells: methods on one backdoored model
 
 def prepare(cfg: ftt.Config) -> dict:
-    """What every method of a row shares, made once per process: the data (read, poisoned, split: as ftt.py
-    makes it from the same flags), the evaluation, and the backdoored --model."""
+    """What every method of a row shares, made once per process: loading.prepare's data, evaluation and
+    backdoored --model (as ftt.py makes them from the same flags), and its figures before any defence."""
     if not cfg.model:
-        raise ftt.ConfigError("--model: a baseline needs the backdoored checkpoint it defends (ftt.py's backdoored.pt)")
-    ftt.validate(cfg)
+        raise harness.ConfigError("--model: a baseline needs the backdoored checkpoint it defends (ftt.py's backdoored.pt)")
     t0 = time.time()
-    device = ftt.pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    d = ftt.load_data(cfg, device)
-    x_l, y_l = d["x_l"].to(device), d["y_l"].to(device)
-    x_te, y_te, x_bd, y_bd = (d[n].to(device) for n in ("x_test", "y_test", "x_bd", "y_bd"))
-    torch.manual_seed(cfg.seed)
-    model, read = ftt.suspect_model(cfg, x_l.shape[1], d["num_classes"])
-    print(ftt.model_line(cfg, read), flush=True)
-    model = model.to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    y_ra = d.get("y_bd_true")  # ACC, ASR and RA as ftt.py reports them
-    evaluate = ftt.evaluator(x_te, y_te, x_bd, y_bd, y_ra.to(device) if y_ra is not None and len(y_ra) else None,
-                             device, cfg.channels_last)
-    return {"device": device, "d": d, "x_l": x_l, "y_l": y_l, "evaluate": evaluate, "model": model, "read": read,
-            "before": ftt.measured(evaluate(model)), "rng": torch.get_rng_state(), "data_s": time.time() - t0}
+    prep = loading.prepare(cfg, ftt.build_backbone, ftt.make_trigger)
+    return {**prep, "before": harness.measured(prep["evaluate"](prep["model"])), "rng": torch.get_rng_state(),
+            "data_s": time.time() - t0}
 
 
 def run(cfg: ftt.Config, b: Baseline, prep: dict | None = None) -> dict:
     """One method on the backdoored model -> results.json in cfg.out. With `prep` (from `prepare`, same flags)
     nothing is read or poisoned again; the method starts from the same weights and RNG state either way."""
     if b.method not in METHODS:
-        raise ftt.ConfigError(f"--method: {b.method!r} is not one of {', '.join(METHODS)}")
+        raise harness.ConfigError(f"--method: {b.method!r} is not one of {', '.join(METHODS)}")
     prep = prep or prepare(cfg)
     t0 = time.time()
     device, x_l, y_l, evaluate = prep["device"], prep["x_l"], prep["y_l"], prep["evaluate"]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "log.jsonl").unlink(missing_ok=True)
-    monitor = ftt.Monitor(evaluate, cfg.eval_every, out / "log.jsonl", cfg.quiet)
+    log = harness.RunLog(evaluate, cfg.eval_every, out / "log.jsonl", cfg.quiet)
     model = copy.deepcopy(prep["model"])
     torch.set_rng_state(prep["rng"])
     results = {"before": prep["before"]}
     info = {}
     if b.method == "ft":
-        fine_tune(model, x_l, y_l, cfg, device, monitor)
+        fine_tune(model, x_l, y_l, cfg, device, log)
     elif b.method == "fp":
-        model, info = fine_prune(model, x_l, y_l, cfg, b, device, monitor)
+        model, info = fine_prune(model, x_l, y_l, cfg, b, device, log)
         info = {"pruned_channels": info["pruned"], "channels": info["channels"]}
     elif b.method == "nad":
-        nad(model, x_l, y_l, cfg, b, device, monitor)
+        nad(model, x_l, y_l, cfg, b, device, log)
     else:
         model, info = anp(model, x_l, y_l, cfg, b, device)
         info = {"pruned_neurons": info["pruned"], "neurons": info["neurons"], "held_out_acc": info["held_out_acc"],
                 "held_out_acc_unpruned": info["held_out_acc_unpruned"]}
-    results["after"] = ftt.measured(evaluate(model))
+    results["after"] = harness.measured(evaluate(model))
     d = prep["d"]
     report = {"method": b.method, "baseline": dataclasses.asdict(b), "config": dataclasses.asdict(cfg),
               "results": results, "info": info, "model": prep["read"], "trigger": d["trigger"], "counts": d["counts"],
-              "timings": {"total_s": time.time() - t0, "data_s": prep["data_s"]}, "versions": ftt.versions(),
+              "timings": {"total_s": time.time() - t0, "data_s": prep["data_s"]}, "versions": harness.versions(),
               "argv": sys.argv}
-    ftt.save_atomic_text(json.dumps(report, indent=1), out / "results.json")
+    harness.save_atomic_text(json.dumps(report, indent=1), out / "results.json")
     r = results
     print(f"{b.method}: ASR {r['before']['asr']:.2f} -> {r['after']['asr']:.2f}, ACC {r['before']['acc']:.2f} -> "
           f"{r['after']['acc']:.2f} ({report['timings']['total_s'] / 60:.1f} min) -> {out / 'results.json'}", flush=True)
@@ -340,7 +328,7 @@ def run_methods(cfg: ftt.Config, b: Baseline, methods: list[str]) -> list[dict]:
     results.json exists is skipped (a rerun finishes a row)."""
     bad = [m for m in methods if m not in METHODS]
     if bad:
-        raise ftt.ConfigError(f"--method: {', '.join(bad)} not in {', '.join(METHODS)}")
+        raise harness.ConfigError(f"--method: {', '.join(bad)} not in {', '.join(METHODS)}")
     todo = [m for m in methods if not (Path(cfg.out) / m / "results.json").exists()]
     prep = prepare(cfg) if todo else None
     return [run(dataclasses.replace(cfg, out=str(Path(cfg.out) / m)), dataclasses.replace(b, method=m), prep)
@@ -349,21 +337,13 @@ def run_methods(cfg: ftt.Config, b: Baseline, methods: list[str]) -> list[dict]:
 
 def cli(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(add_help=False)
-    for f in dataclasses.fields(Baseline):
-        kind = {"str": str, "float": float, "int": int}.get(f.type)
-        if kind:
-            ap.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default)
+    harness.add_flags(ap, Baseline, help=False)
     known, rest = ap.parse_known_args(argv)
     b = Baseline(**vars(known))
-    try:
-        if "," in b.method:  # --method ft,fp,nad,anp --out DIR (or "ft,"): DIR/ft, DIR/fp, ..., the data read once
-            run_methods(ftt.parse_args(rest), b, [m for m in b.method.split(",") if m])
-        else:
-            run(ftt.parse_args(rest), b)
-    except (ftt.DataError, ftt.ConfigError) as e:
-        print(f"baselines: {e}", file=sys.stderr)
-        return 2
-    return 0
+    cfg = ftt.parse_args(rest)
+    if "," in b.method:  # --method ft,fp,nad,anp --out DIR (or "ft,"): DIR/ft, DIR/fp, ..., the data read once
+        return harness.run_cli("baselines", lambda: run_methods(cfg, b, [m for m in b.method.split(",") if m]), cfg.out)
+    return harness.run_cli("baselines", lambda: run(cfg, b), cfg.out)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import ftt
+import harness
+from augment import random_crop_flip
 
 # dense bf16 tensor-core peaks (vendor datasheets), by a substring of torch.cuda.get_device_name()
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -97,7 +99,7 @@ def rate(step, images: int, device: torch.device, warmup: int, windows: int, ste
 
 
 def bench(args: argparse.Namespace) -> dict:
-    device = ftt.pick_device(args.device)
+    device = harness.pick_device(args.device)
     c, h, w = (int(v) for v in args.shape.split(","))
     b, bu = args.batch, args.mu * args.batch
     cfg = ftt.Config(arch=args.arch, batch_size=b, mu=args.mu, channels_last=args.channels_last)
@@ -106,7 +108,7 @@ def bench(args: argparse.Namespace) -> dict:
     pool_x = torch.randint(0, 256, (args.pool, c, h, w), dtype=torch.uint8, device=device)
     pool_y = torch.randint(0, args.classes, (args.pool,), device=device)
     draw = lambda n: torch.randint(0, args.pool, (n,), device=device)
-    watch = ftt.FiniteWatch(device)  # a non-finite loss is noted on the device and read once, at the end
+    watch = harness.FiniteWatch(device)  # a non-finite loss is noted on the device and read once, at the end
 
     def model(branched: bool, compile: bool = args.compile):
         m = ftt.build_backbone(args.arch, c, args.classes).to(device)
@@ -115,25 +117,25 @@ def bench(args: argparse.Namespace) -> dict:
         if args.channels_last:
             m = m.to(memory_format=torch.channels_last)
         m.train()
-        opt = ftt.sgd(m.parameters(), 0.01, cfg)
-        sched = ftt.cosine(opt, 10 ** 6)
+        opt = harness.sgd(m.parameters(), 0.01, cfg)
+        sched = harness.cosine(opt, 10 ** 6)
         if compile:
             m.compile(mode=args.compile_mode)  # in place: the module keeps its attributes
         return m, opt, sched
 
     def plain_step(n: int, pipeline: bool = False):
         m, opt, sched = model(False)
-        fixed = ftt.random_crop_flip(pool_x[:n]), pool_y[:n]
+        fixed = random_crop_flip(pool_x[:n]), pool_y[:n]
 
         def step():
             if pipeline:  # the real pipeline: gather from the uint8 pool, crop and flip
                 idx = draw(n)
-                xb, yb = ftt.random_crop_flip(pool_x[idx]), pool_y[idx]
+                xb, yb = random_crop_flip(pool_x[idx]), pool_y[idx]
             else:  # in memory
                 xb, yb = fixed
-            loss = ftt.supervised_forward(m, xb, yb, cfg, device)
+            loss = harness.supervised_forward(m, xb, yb, cfg, device)
             watch.see(loss, 0)
-            ftt.descend(opt, sched, loss)
+            harness.descend(opt, sched, loss)
         return step
 
     def sad_step():
@@ -142,27 +144,27 @@ def bench(args: argparse.Namespace) -> dict:
 
         def step():
             idx = draw(b)
-            loss, _, _ = ftt.sad_forward(net, ftt.random_crop_flip(pool_x[idx]), pool_y[idx], weights, cfg, device)
+            loss, _, _ = ftt.sad_forward(net, random_crop_flip(pool_x[idx]), pool_y[idx], weights, cfg, device)
             watch.see(loss, 0)
-            ftt.descend(opt, sched, loss)
+            harness.descend(opt, sched, loss)
         return step
 
     def ssl_step(pipeline: bool):
         net, opt, sched = model(True)
         weights = ftt.exit_weights(len(net.exits) + 1)
         u = pool_x[:bu]
-        fixed = (ftt.random_crop_flip(pool_x[bu:bu + b]), pool_y[bu:bu + b], ftt.random_crop_flip(u), ftt.strong_augment(u))
+        fixed = (random_crop_flip(pool_x[bu:bu + b]), pool_y[bu:bu + b], random_crop_flip(u), ftt.strong_augment(u))
 
         def step():
             if pipeline:
                 il, iu = draw(b), draw(bu)
                 u = pool_x[iu]
-                batch = ftt.random_crop_flip(pool_x[il]), pool_y[il], ftt.random_crop_flip(u), ftt.strong_augment(u)
+                batch = random_crop_flip(pool_x[il]), pool_y[il], random_crop_flip(u), ftt.strong_augment(u)
             else:
                 batch = fixed
             loss, _ = ftt.ssl_forward(net, *batch, weights, cfg, device)
             watch.see(loss, 0)
-            ftt.descend(opt, sched, loss)
+            harness.descend(opt, sched, loss)
         return step
 
     warm = args.warmup + (3 if args.compile else 0)
@@ -195,9 +197,9 @@ def bench(args: argparse.Namespace) -> dict:
     # FLOPs of one plain step (forward + backward), per image
     m, opt, sched = model(False, compile=False)
     counter = FlopCounterMode(display=False)
-    xb, yb = ftt.random_crop_flip(pool_x[:b]), pool_y[:b]
+    xb, yb = random_crop_flip(pool_x[:b]), pool_y[:b]
     with counter:
-        ftt.descend(opt, sched, ftt.supervised_forward(m, xb, yb, cfg, device))
+        harness.descend(opt, sched, harness.supervised_forward(m, xb, yb, cfg, device))
     flops_per_image = counter.get_total_flops() / b
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None) if device.type == "cuda" else None
@@ -219,7 +221,7 @@ def bench(args: argparse.Namespace) -> dict:
               "achieved_flops_per_s_plain": achieved, "achieved_by": plain_row, "peak_bf16_flops_per_s": peak,
               "share_of_peak": achieved / peak if peak else None,
               "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-              "versions": ftt.versions(), "date": time.strftime("%Y-%m-%d"), "settings": vars(args)}
+              "versions": harness.versions(), "date": time.strftime("%Y-%m-%d"), "settings": vars(args)}
     return report
 
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Reproduce the figures of README.md. Usage: ./reproduce.sh NAME [extra ftt.py flags]
+# Reproduce the figures of README.md and docs/. Usage: ./reproduce.sh NAME [extra ftt.py flags]
 #   paper     the paper's Table 1 setting for one attack (CIFAR-10, PreActResNet-18; wants a GPU)
-#   offline   FTT on Fashion-MNIST / WRN-16-1 on 2 CPU cores, F_D detached and not (README table)
+#   offline   FTT on Fashion-MNIST / WRN-16-1 on 2 CPU cores, F_D detached and not (docs/results.md)
 #   attacks   every attack's backdoored model on Fashion-MNIST and CIFAR-10 (DATA_ROOT): ACC, ASR, trigger PSNR
-#   handed    purify a model you were handed on your own image folders (README walk-through; made here)
+#   handed    purify a model you were handed on your own image folders (docs/your-model.md walk-through; made here)
 #   quick     Table 1's layout offline on 2 CPU cores: Fashion-MNIST, WRN-16-1, six attacks x seven columns
 #   quick-ablation  stage 2 without stage 1, with and without the AP terms, on quick's backdoored models
 #   table1    Table 1: CIFAR-10, PreActResNet-18, five attacks, Before / FT / FP / NAD / ANP / FTT (GPU)
@@ -17,7 +17,7 @@
 #   ssl-passes    ACC (and ASR) against SSL passes, 20 passes, with and without the EMA: a PNG with matplotlib
 #   sad-schedule  FTT(SAD) and FT with the cosine schedule and with NAD's (--sad-schedule nad) on benchmark's
 #             models (SRC: their folder, ROWS: which rows, SCHEDULES: which), and FTT(SAD+SSL) with NAD's
-#   third-party   README walk-through: a published-style WRN-16-1 (WideResNet-pytorch keys, DataParallel prefix,
+#   third-party   docs/your-model.md walk-through: a published-style WRN-16-1 (WideResNet-pytorch keys, DataParallel prefix,
 #             normalised inputs, 3x3 grid trigger), made here, purified by one ftt.py command (CIFAR-10 in DATA_ROOT)
 #   cifar10-subset DIR [N_TRAIN N_TEST]  the first N_TRAIN/5 images of each CIFAR-10 training batch and the first
 #             N_TEST test images (10000 / 4000: 41 MiB, small enough for one call to a lent GPU), as python batches
@@ -68,7 +68,7 @@ PY
 
 CELL=0; CELLS=1
 # On a GPU every ftt.py cell compiles the attacker's training with CUDA graphs (--compile: 2.5x the eager
-# images/s of its step on an H100, README "Speed"); GPU_FLAGS= turns that off.
+# images/s of its step on an H100, docs/speed.md); GPU_FLAGS= turns that off.
 GPU_FLAGS=${GPU_FLAGS-$(python3 -c "import torch; print('--compile' if torch.cuda.is_available() else '')")}
 
 cell() {  # cell DIR PROGRAM FLAGS... : run one cell unless DIR/results.json exists
@@ -196,12 +196,12 @@ case "$name" in
       --attack-lr 0.05 --no-attack-augment --sad-epochs 0 --ssl-epochs 0 --overwrite --out "$d/attacker"
     # 2. your images as ImageFolder trees: 1,000 clean labelled, 10,000 unlabelled, 2,000 test (none seen by the attacker)
     python3 - "$d" <<'PY'
-import sys, ftt
+import sys, loading
 d = sys.argv[1]
-(x, y), (xt, yt) = (ftt.load_dataset("fashion-mnist", "./data")[s] for s in ("train", "test"))
-ftt.export_image_folder(x[40000:41000], y[40000:41000], f"{d}/clean", 10)
-ftt.export_image_folder(x[41000:51000], y[41000:51000] * 0, f"{d}/unlabelled", 10)  # labels not used
-ftt.export_image_folder(xt[:2000], yt[:2000], f"{d}/test", 10)
+(x, y), (xt, yt) = (loading.load_dataset("fashion-mnist", "./data")[s] for s in ("train", "test"))
+loading.export_image_folder(x[40000:41000], y[40000:41000], f"{d}/clean", 10)
+loading.export_image_folder(x[41000:51000], y[41000:51000] * 0, f"{d}/unlabelled", 10)  # labels not used
+loading.export_image_folder(xt[:2000], yt[:2000], f"{d}/test", 10)
 PY
     # 3. purify it: ACC on your test images, ASR with the BadNets trigger you suspect
     python3 ftt.py --model "$d/attacker/backdoored.pt" --arch wrn16-1 --clean-dir "$d/clean" \
@@ -233,7 +233,7 @@ PY
     for a in badnets blended low-frequency atteq-nn wanet; do row "$dir/$a" --attack "$a" "$@"; done
     method_table "Table 1: CIFAR-10, PreActResNet-18" "$dir"/{badnets,blended,low-frequency,atteq-nn,wanet} | tee "$dir/table.md" ;;
   table2)
-    # WRN-16-1 / CIFAR-10 rows; on 2 CPU cores pass e.g. --train-size 20000 --attack-epochs 20 (see README)
+    # WRN-16-1 / CIFAR-10 rows; on 2 CPU cores pass e.g. --train-size 20000 --attack-epochs 20 (see docs/reproduce.md)
     dir="$RUNS/table2"; CELLS=20
     for a in badnets trojan; do row "$dir/wrn16-1-$a" --dataset cifar10 --arch wrn16-1 --attack "$a" "$@"; done
     if [ -z "${CPU_ONLY:-}" ]; then
@@ -370,11 +370,11 @@ PY
       --sad-epochs 0 --ssl-epochs 0 --quiet --overwrite --out "$d/attacker"
     # ... and saved in WideResNet-pytorch's layout, the way a DataParallel training script saves it
     python3 - "$d" <<'PY'
-import sys, torch, ftt
+import sys, torch, ftt, loading
 d = sys.argv[1]
 m = ftt.build_backbone("wrn16-1", 3, 10)
 m.load_state_dict(torch.load(f"{d}/attacker/backdoored.pt", weights_only=True))
-state = {"module." + k: v for k, v in ftt.export_layout(m, "wideresnet-pytorch").items()}
+state = {"module." + k: v for k, v in loading.export_layout(m, "wideresnet-pytorch").items()}
 torch.save({"epoch": 25, "state_dict": state}, f"{d}/wrn16-1-grid.pt")
 print(f"wrote {d}/wrn16-1-grid.pt: {len(state)} tensors, first keys {list(state)[:3]}")
 PY

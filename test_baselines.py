@@ -8,8 +8,8 @@ from hypothesis import given, strategies as st
 
 import baselines
 import ftt
-from conftest import needs_fashion, report
-from test_ftt import TINY
+import harness
+from conftest import TINY, report
 
 shapes = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 5), st.integers(1, 5))
 seeds = st.integers(0, 2**31 - 1)
@@ -45,7 +45,7 @@ def synthetic(n=64, c=3, size=16, classes=4, seed=0):
 
 
 QUIET = ftt.Config(arch="wrn10-1", sad_epochs=1, batch_size=16, quiet=True)
-no_eval = ftt.Monitor(quiet=True)
+no_eval = harness.RunLog(quiet=True)
 
 
 def test_fine_pruning_zeroes_exactly_the_channels_it_chose():
@@ -57,7 +57,7 @@ def test_fine_pruning_zeroes_exactly_the_channels_it_chose():
     assert 0 < len(info["pruned"]) < info["channels"]
     model.eval()
     with torch.no_grad():
-        _, feats = baselines.stage_features(model, ftt.to_input(x[:8]))
+        _, feats = baselines.stage_features(model, harness.to_input(x[:8]))
     active = feats[-1].abs().amax((0, 2, 3)) > 0  # (C,)
     assert sorted((~active).nonzero().flatten().tolist()) == info["pruned"]
 
@@ -105,7 +105,7 @@ def test_anp_depth_search_evaluates_the_very_model_it_returns():
         model, info = baselines.anp(model, x, y, QUIET, baselines.Baseline(method="anp", anp_iters=5, margin=margin),
                                     torch.device("cpu"))
         hold = info["held_out"]
-        assert ftt.accuracy(model, x[hold], y[hold], torch.device("cpu")) == info["held_out_acc"]
+        assert harness.accuracy(model, x[hold], y[hold], torch.device("cpu")) == info["held_out_acc"]
         assert info["held_out_acc"] >= info["held_out_acc_unpruned"] - margin
         assert info["pruned"] > 0 or margin == 0.0
 
@@ -113,17 +113,14 @@ def test_anp_depth_search_evaluates_the_very_model_it_returns():
 # ------------------------------------------------------------------ each baseline on the tiny backdoored model
 
 @pytest.fixture(scope="module")
-def backdoored(tmp_path_factory):
-    needs_fashion()
-    root = tmp_path_factory.mktemp("tiny")
-    cfg = ftt.Config(**{**TINY, "sad_epochs": 0}, out=str(root / "attack"), cache=str(root / "cache"))
-    before = ftt.main(cfg)["results"]["before"]
+def backdoored(tiny_backdoor, tmp_path_factory):
+    path, before = tiny_backdoor(0)
     report("baselines_fixture", before=before)
     assert before["asr"] >= 80, before
+    root = tmp_path_factory.mktemp("tiny")
     # the baselines' own budget, lr 0.05 (--sad-lr-max): at the default 0.1, NAD took this tiny model from ACC
     # 79.1 to 57.3
-    return root, dataclasses.replace(cfg, model=str(root / "attack" / "backdoored.pt"), sad_epochs=TINY["sad_epochs"],
-                                     sad_lr_max=0.05)
+    return root, ftt.Config(**TINY, model=path, sad_lr_max=0.05, out=str(root / "attack"), cache=str(root / "cache"))
 
 
 @pytest.mark.parametrize("method", ["ft", "fp", "nad"])
@@ -131,7 +128,7 @@ def test_ft_fp_and_nad_lower_the_asr_of_the_tiny_backdoor(method, backdoored):
     # Bar: ASR <= 20 after (as SAD's in test_ftt.py); FT and FP also keep ACC within 20 points. Measured under
     # ATEN_CPU_CAPABILITY native (AVX-512) / default / avx2: ASR after FT 3.2-4.1, FP 3.1-4.1, NAD 0.9-3.6; ACC lost
     # FT 1.9-2.7, FP 1.7-2.9. NAD's ACC is not asserted: it lost 14.0 (native, default) and 23.3 (avx2) points on this
-    # model, so a bound would hold on some CPUs only (README: numbers per capability).
+    # model, so a bound would hold on some CPUs only (docs/results.md: numbers per capability).
     root, cfg = backdoored
     r = baselines.run(dataclasses.replace(cfg, out=str(root / method)), baselines.Baseline(method=method))["results"]
     report(f"baseline[{method}]", **r)
@@ -144,9 +141,9 @@ def test_ft_fp_and_nad_lower_the_asr_of_the_tiny_backdoor(method, backdoored):
 def test_anp_runs_on_the_tiny_backdoored_model_and_reports_what_it_pruned(backdoored):
     # Only what holds by construction is asserted: the depth chosen keeps held-out clean ACC within the
     # margin. What ANP does to ASR and test ACC here varies with the CPU's float rounding (issue 11: on
-    # AVX-512, ACC 79.5 -> 66.7); the measured figures over seeds and capabilities are in README.md.
+    # AVX-512, ACC 79.5 -> 66.7); the measured figures over seeds and capabilities are in docs/results.md.
     root, cfg = backdoored
-    r = baselines.run(dataclasses.replace(cfg, out=str(root / "anp")), baselines.Baseline(method="anp", anp_iters=100))
+    r = baselines.run(dataclasses.replace(cfg, out=str(root / "anp")), baselines.Baseline(method="anp", anp_iters=30))
     info = r["info"]
     report("baseline[anp]", **r["results"], pruned=info["pruned_neurons"], held_out=info["held_out_acc"],
            held_out_unpruned=info["held_out_acc_unpruned"])

@@ -1,0 +1,618 @@
+"""The harness around ftt.py's method: flag checks, device and precision, optimiser and schedules, the run log
+(progress lines and log.jsonl), the resume state, evaluation, the start estimate, the results table and the CLI
+helper that ftt.py and baselines.py share. Nothing here knows the method: where it needs a piece of it (the
+training steps to time, say), the caller passes it in.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import attacks
+from augment import random_crop_flip
+
+Tensor = torch.Tensor
+
+# The choices of ftt.Config's flags (validate checks them also when main() is called without the CLI)
+DATASETS = ("cifar10", "cifar100", "fashion-mnist")
+ATTACK_CHOICES = attacks.ATTACKS + ("patch", "none")
+ARCHS = ("preact18", "wrn16-1", "resnet50")  # and any wrnD-K with D = 6n + 4
+SSL_POOLS = ("all", "drop-suspect")
+
+
+class DataError(Exception):
+    """A dataset that is missing or unreadable; the CLI prints it as one line."""
+
+
+class ConfigError(Exception):
+    """A flag with a value that cannot work; the CLI prints it as one line and exits with 2."""
+
+
+# ================================================================================================
+# Device and precision: the one place that decides
+# ================================================================================================
+
+def pick_device(name: str) -> torch.device:
+    """auto: CUDA when there is one. On CUDA, cuDNN picks the fastest convolution algorithm for each shape
+    once (cudnn.benchmark): the shapes here repeat for whole stages."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (no GradScaler needed for bf16); full fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def to_input(x: Tensor, channels_last: bool = True) -> Tensor:
+    """uint8 images (B, C, H, W) -> float32 in [0, 1], the input every backbone here takes."""
+    x = x.float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+# ================================================================================================
+# Flags: refuse impossible settings before any data is read or anything is written
+# ================================================================================================
+
+def known_arch(arch: str) -> bool:
+    m = re.fullmatch(r"wrn(\d+)-(\d+)", arch)
+    return arch in ARCHS or bool(m and (int(m[1]) - 4) % 6 == 0)
+
+
+def validate(cfg) -> None:
+    """cfg: an ftt.Config. Raises ConfigError naming the flag. (--normalize's syntax: loading.normalization.)"""
+    choices = {"dataset": DATASETS, "arch": ARCHS, "attack": ATTACK_CHOICES, "ssl_pool": SSL_POOLS}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed and not (name == "arch" and known_arch(cfg.arch)):
+            raise ConfigError(f"--{name}: {getattr(cfg, name)!r} is not one of {', '.join(allowed)}"
+                              + (" or wrnD-K with D = 6n + 4" if name == "arch" else ""))
+    for name, lo, hi in (("poison_rate", 0, 1), ("clean_ratio", 0, 1)):
+        if not lo < getattr(cfg, name) < hi:
+            raise ConfigError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} must lie in ({lo}, {hi})")
+    if not (cfg.pool_poison_share == -1 or 0 <= cfg.pool_poison_share <= 0.75):
+        raise ConfigError(f"--pool-poison-share: {cfg.pool_poison_share} must be -1 or lie in [0, 0.75]")
+    if not 0 <= cfg.threshold <= 1:
+        raise ConfigError(f"--threshold: {cfg.threshold} must lie in [0, 1]")
+    if not 0 <= cfg.ema < 1:
+        raise ConfigError(f"--ema: {cfg.ema} must lie in [0, 1) (0: no average)")
+    for name in ("attack_epochs", "reference_epochs", "sad_epochs", "ssl_epochs", "train_size", "test_size", "eval_every"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} must be >= 0")
+    for name in ("attack_batch", "batch_size", "mu", "attack_lr", "sad_lr", "sad_lr_max", "ssl_lr"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} must be > 0")
+    if cfg.sad_lr_max < cfg.sad_lr:
+        raise ConfigError(f"--sad-lr-max: {cfg.sad_lr_max} is below --sad-lr {cfg.sad_lr}; give both (equal: SAD runs once)")
+    if cfg.target < 0:
+        raise ConfigError(f"--target: {cfg.target} must be a class index >= 0")
+    for name in ("model", "reference_model", "trigger"):
+        path = getattr(cfg, name)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"--{name.replace('_', '-')}: {path} is not a readable file")
+    if cfg.reference_model and cfg.attack not in attacks.FITTED:
+        raise ConfigError(f"--reference-model: {cfg.attack} uses no reference model; only "
+                          f"{', '.join(attacks.FITTED)} are fitted on one")
+    for name in ("clean_dir", "unlabeled_dir", "test_dir"):
+        path = getattr(cfg, name)
+        if path and not Path(path).is_dir():
+            raise ConfigError(f"--{name.replace('_', '-')}: {path} is not a readable folder")
+        if path and not cfg.clean_dir:
+            raise ConfigError(f"--{name.replace('_', '-')}: needs --clean-dir (your own labelled clean images)")
+    if cfg.clean_dir and not cfg.model:
+        raise ConfigError("--clean-dir: needs --model, the backbone to purify (there is no attacker to train one)")
+    if cfg.clean_dir and cfg.attack in attacks.FITTED:
+        raise ConfigError(f"--attack: {cfg.attack} is fitted to the attacker's own model, so its ASR cannot be measured "
+                          f"on your data; with --clean-dir use badnets, blended, wanet or none")
+    if cfg.attack == "none" and not cfg.model:
+        raise ConfigError("--attack: none needs --model, the model to purify (there is no attack to backdoor one with)")
+    if cfg.attack == "patch" and not cfg.trigger:
+        raise ConfigError("--attack: patch needs --trigger FILE.png (an image with alpha of the input size)")
+    if cfg.trigger and cfg.attack != "patch":
+        raise ConfigError(f"--trigger: only with --attack patch (here --attack {cfg.attack})")
+    if cfg.backdoor_dir and not Path(cfg.backdoor_dir).is_dir():
+        raise ConfigError(f"--backdoor-dir: {cfg.backdoor_dir} is not a readable folder")
+    if cfg.backdoor_dir and not cfg.model:
+        raise ConfigError("--backdoor-dir: needs --model (a run that trains its own attacker measures ASR with its trigger)")
+    out = Path(cfg.out)
+    if cfg.resume and (out / "results.json").exists():
+        raise ConfigError(f"--resume: {out} holds results.json, the run finished; nothing to resume")
+    if cfg.resume and not (out / "checkpoint.pt").is_file():
+        raise ConfigError(f"--resume: {out} holds no checkpoint.pt to continue from")
+    if not cfg.resume and not cfg.overwrite:
+        for name, what in (("results.json", "results"), ("checkpoint.pt", "the checkpoint of an unfinished run")):
+            if (out / name).exists():
+                raise ConfigError(f"--out: {out} already holds {what} ({name}); pass "
+                                  f"{'--resume to continue it, ' if name == 'checkpoint.pt' else ''}--overwrite, "
+                                  f"or choose another --out")
+    probe = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise ConfigError(f"--out: {out} cannot be written ({probe} is not a writable folder)")
+
+
+# ================================================================================================
+# Optimiser, schedules, and what every training step shares
+# ================================================================================================
+
+def sgd(params, lr: float, cfg, nesterov: bool = False) -> torch.optim.SGD:
+    """SGD with the run's momentum and weight decay, one fused kernel per step on CUDA (foreach on CPU)."""
+    params = list(params)
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=nesterov,
+                           fused=fused or None, foreach=None if fused else True)
+
+
+def cosine(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(total_steps, 1), 1))))
+
+
+def step_decay(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The common third-party recipe: the lr times 0.1 after half of the steps and again after three quarters."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 ** ((s >= total_steps // 2) + (s >= 3 * total_steps // 4)))
+
+
+def burst_decay(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """NAD's released schedule (utils/util.py, adjust_learning_rate): lr 0.1 for 2 of its 20 epochs, then 0.01.
+    Here: the full lr for the first 10% of the steps, then a tenth of it."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < round(0.1 * total_steps) else 0.1)
+
+
+SCHEDULES = {"cosine": cosine, "step": step_decay, "nad": burst_decay}
+
+
+def descend(opt: torch.optim.Optimizer, sched, loss: Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
+def check_finite(loss: Tensor, stage: str, epoch: int, step: int) -> None:
+    """Stop at once on a non-finite loss (a host synchronisation: for loops outside the hot path)."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss ({loss.item()}) in {stage}, epoch {epoch}, step {step}; stopping")
+
+
+class FiniteWatch:
+    """The training loops' check_finite without a host synchronisation per step: the first step whose
+    loss is not finite is noted on the device, and check() reads it once, at the end of the epoch."""
+
+    def __init__(self, device: torch.device):
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+
+    def see(self, loss: Tensor, step: int) -> None:
+        self.first = torch.where((self.first < 0) & ~torch.isfinite(loss.detach()), step, self.first)
+
+    def check(self, stage: str, epoch: int) -> None:
+        step = int(self.first)
+        if step >= 0:
+            raise FloatingPointError(f"non-finite loss in {stage}, epoch {epoch}, step {step}; stopping")
+
+
+@contextmanager
+def frozen_bn_stats(model: nn.Module):
+    """BatchNorm layers in train mode normalise with the batch's statistics as usual, but leave their
+    running statistics as they are (momentum 0): for SSL's no-grad weak-view pass."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """FixMatch's exponential moving average of the weights: ema <- d ema + (1 - d) model, with
+    d = min(decay, (1 + step) / (10 + step)) so that a short run is not dominated by the starting weights
+    (TensorFlow's ExponentialMovingAverage with num_updates). Buffers (BatchNorm statistics) are copied."""
+    d = min(decay, (1 + step) / (10 + step))
+    # (torch.optim.swa_utils.AveragedModel would read its step counter from the device at every update: a host
+    # synchronisation per step, and it averages the BatchNorm statistics instead of copying them)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
+    buffers = list(ema.buffers())
+    if buffers:
+        torch._foreach_copy_(buffers, list(model.buffers()))
+
+
+# ================================================================================================
+# Evaluation: ACC, ASR and RA
+# ================================================================================================
+
+@torch.no_grad()
+def predictions(model: nn.Module, x: Tensor, device: torch.device, channels_last: bool = True,
+                batch: int = 1024) -> Tensor:
+    """Predicted classes (N,) of model on uint8 images x (N, C, H, W), left on the device; eval mode."""
+    model.eval()
+    out = [torch.zeros(0, dtype=torch.long, device=device)]
+    for i in range(0, len(x), batch):
+        with autocast(device):
+            out.append(model(to_input(x[i:i + batch].to(device), channels_last)).argmax(1))
+    return torch.cat(out)
+
+
+def hit_rate(pred: Tensor, y: Tensor) -> float:
+    """% of predictions equal to the labels (read once); NaN when there are none."""
+    if len(pred) == 0:
+        return float("nan")
+    return 100.0 * int((pred == y.to(pred.device)).sum()) / len(pred)
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, channels_last: bool = True,
+             batch: int = 1024) -> float:
+    """Top-1 accuracy in % of model on uint8 images x (N, C, H, W); the model is put in eval mode."""
+    return hit_rate(predictions(model, x, device, channels_last, batch), y)
+
+
+def evaluator(x_te: Tensor, y_te: Tensor, x_bd: Tensor, y_bd: Tensor, y_ra: Tensor | None, device: torch.device,
+              channels_last: bool = True):
+    """-> evaluate(model): (ACC, ASR), or (ACC, ASR, RA) where the triggered images' own classes y_ra are known.
+    ACC on the clean test set; ASR: the triggered test images put in the target (y_bd); RA: the same images
+    put in their own classes (a backdoor that moved to another class shows here and not in ASR). One pass
+    over the triggered images gives ASR and RA."""
+    def evaluate(model: nn.Module) -> tuple[float, ...]:
+        acc = accuracy(model, x_te, y_te, device, channels_last)
+        pred = predictions(model, x_bd, device, channels_last)
+        return (acc, hit_rate(pred, y_bd)) + ((hit_rate(pred, y_ra),) if y_ra is not None else ())
+    return evaluate
+
+
+def measured(acc_asr: tuple[float, ...]) -> dict:
+    """(ACC, ASR) or (ACC, ASR, RA) -> {"acc", "asr"[, "ra"]}, None where there was nothing to measure (JSON
+    has no NaN)."""
+    return {k: (None if math.isnan(v) else v) for k, v in zip(("acc", "asr", "ra"), acc_asr)}
+
+
+def evaluation_due(epoch: int, epochs: int, every: int) -> bool:
+    """--eval-every: evaluate every `every` epochs, and always after the last one (0: only the last)."""
+    return epoch == epochs or (every > 0 and epoch % every == 0)
+
+
+# ================================================================================================
+# The run log: what the training loops report to
+# ================================================================================================
+
+def fmt_s(s: float) -> str:
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h"
+
+
+class RunLog:
+    """What the training loops report to; it evaluates and prints, the loops only count.
+    A loop calls begin(stage, ...) once, step(images, epoch) per step, pause() when an epoch's training ends,
+    then end_epoch(...), which evaluates (evaluate(model) -> (ACC, ASR[, RA])) when evaluation_due says so,
+    prints one fixed-width line (loss parts, ACC and ASR, images/s, ETA of the stage and of the run) and
+    appends one JSON line to `path` (OUT/log.jsonl). Inside a long epoch a line at most every `every_s`
+    seconds. images/s counts training only. estimates: the estimated seconds of each stage, in run order,
+    for the run's ETA."""
+    every_s = 60.0
+
+    def __init__(self, evaluate=None, every: int = 1, path: Path | None = None, quiet: bool = False,
+                 estimates: dict | None = None):
+        self.evaluate = evaluate or (lambda model: (float("nan"), float("nan")))
+        self.every, self.path, self.quiet, self.estimates = every, path, quiet, dict(estimates or {})
+        self.final = {}  # stage -> (ACC, ASR) of its last epoch, so that it is not evaluated twice
+
+    def begin(self, stage: str, epochs: int, images_per_epoch: int, start: int = 1) -> None:
+        self.stage, self.epochs, self.per_epoch, self.start = stage, epochs, images_per_epoch, start
+        self.images, self.train_s, self.t0 = 0, 0.0, time.time()
+        self.tick = self.last_line = time.time()
+        names = list(self.estimates)
+        self.later = sum(self.estimates[n] for n in names[names.index(stage) + 1:]) if stage in names else 0.0
+        if 1 < start <= epochs and not self.quiet:
+            print(f"{stage:>6} resumed after epoch {start - 1}/{epochs}", flush=True)
+
+    def etas(self) -> tuple[float, float]:
+        done = self.images / max(self.per_epoch * (self.epochs - self.start + 1), 1)
+        stage = (time.time() - self.t0) * (1 - done) / max(done, 1e-9)
+        return stage, stage + self.later
+
+    def step(self, images: int, epoch: int) -> None:
+        """Counts a step's images (host arithmetic only: no synchronisation) and prints a line inside a
+        long epoch at most every every_s seconds."""
+        self.images += images
+        now = time.time()
+        if now - self.last_line >= self.every_s and not self.quiet:
+            stage, run = self.etas()
+            rate = self.images / max(self.train_s + now - self.tick, 1e-9)
+            print(f"{self.stage:>6} epoch {epoch:3d}/{self.epochs} | {self.images % self.per_epoch or self.per_epoch}"
+                  f"/{self.per_epoch} images | {rate:6.0f} img/s | stage eta {fmt_s(stage)} | run eta {fmt_s(run)}",
+                  flush=True)
+            self.last_line = now
+
+    def pause(self) -> None:
+        """The epoch's training ends here (evaluation follows, off the images/s clock)."""
+        self.train_s += time.time() - self.tick
+
+    def end_epoch(self, epoch: int, model: nn.Module, parts: dict[str, float], lr: float) -> tuple:
+        """Evaluate model if due (the last epoch's is kept for measure()), then print and log the epoch."""
+        acc_asr = self.evaluate(model) if evaluation_due(epoch, self.epochs, self.every) else ()
+        if epoch == self.epochs:
+            self.final[self.stage] = acc_asr
+        acc, asr, ra = (*acc_asr, float("nan"), float("nan"), float("nan"))[:3]
+        rate = self.images / max(self.train_s, 1e-9)
+        stage_eta, run_eta = self.etas()
+        if self.path is not None:
+            row = {"stage": self.stage, "epoch": epoch, "epochs": self.epochs, "lr": lr, **parts,
+                   "acc": None if math.isnan(acc) else acc, "asr": None if math.isnan(asr) else asr,
+                   **({} if math.isnan(ra) else {"ra": ra}), "images_per_s": rate, "elapsed_s": time.time() - self.t0}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if not self.quiet:
+            loss = " ".join(f"{k} {v:6.3f}" for k, v in parts.items())
+            ev = f"acc {acc:5.2f} asr {asr:6.2f}" if not math.isnan(acc) else "acc     - asr      -"
+            print(f"{self.stage:>6} epoch {epoch:3d}/{self.epochs} | {loss} | {ev} | {rate:6.0f} img/s | "
+                  f"eta {fmt_s(stage_eta)}, run {fmt_s(run_eta)}", flush=True)
+        self.tick = self.last_line = time.time()
+        return acc_asr
+
+    def measure(self, stage: str, model: nn.Module) -> tuple[float, ...]:
+        """(ACC, ASR[, RA]) of model at the end of `stage`: the loop's own last evaluation when it ran one."""
+        return self.final.pop(stage, None) or self.evaluate(model)
+
+
+# ================================================================================================
+# The resume state: one file per run, OUT/checkpoint.pt, rewritten at the end of every epoch of every stage.
+# With --resume a run continues after the last finished epoch and, on CPU with the same seed, ends with the
+# figures of a run that was never stopped (test_harness.py kills one to check).
+# ================================================================================================
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a kill leaves the old file or the new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_atomic_text(text: str, path: Path) -> None:
+    """The same for a text file (results.json)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunState:
+    """The run's position: stage, epoch, model, optimiser, scheduler, RNG states, results so far.
+    `state` is the loaded file when resuming, else None; `results` is shared with the caller."""
+    stages = ("attack", "sad", "ssl")
+
+    def __init__(self, path: Path, cfg, results: dict):
+        self.path, self.results, self.state = path, results, None
+        if cfg.resume:
+            try:
+                self.state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ConfigError(f"--resume: {path} cannot be read ({type(e).__name__}); start again with --overwrite") from None
+            keep = {"resume", "overwrite", "quiet", "device"}  # flags that may change on resume
+            for k, v in self.state["config"].items():
+                if k not in keep and hasattr(cfg, k) and getattr(cfg, k) != v:
+                    raise ConfigError(f"--resume: the checkpoint was made with --{k.replace('_', '-')} {v}, "
+                                      f"this run has {getattr(cfg, k)}; resume with the same flags")
+            results.update(self.state["results"])
+        self.config = dataclasses.asdict(cfg)
+
+    def done(self, stage: str) -> bool:
+        """True when the saved run is past `stage` (its results are in self.results)."""
+        return self.state is not None and self.stages.index(self.state["stage"]) > self.stages.index(stage)
+
+    def save(self, stage: str, epoch: int, model: nn.Module, opt, sched, extra: dict | None = None) -> None:
+        if not all(torch.isfinite(p).all() for p in model.parameters()):  # keep the last good one
+            raise FloatingPointError(f"non-finite weights at the end of {stage}, epoch {epoch}; stopping")
+        save_atomic({"stage": stage, "epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
+                     "sched": sched.state_dict(), "extra": extra or {}, "results": dict(self.results),
+                     "config": self.config, "rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, self.path)
+
+    def restore(self, stage: str, model: nn.Module, opt, sched, match: dict | None = None) -> tuple[int, dict]:
+        """-> (first epoch to run, extra loop state). Loads everything if the saved run stopped in `stage`
+        (and its extra state holds `match`: SAD's lr, so that one attempt never resumes another)."""
+        st = self.state
+        if st is None or st["stage"] != stage or any(st["extra"].get(k) != v for k, v in (match or {}).items()):
+            return 1, {}
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        torch.set_rng_state(st["rng"])
+        if st["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["cuda_rng"])
+        return st["epoch"] + 1, st["extra"]
+
+
+# ================================================================================================
+# Plain supervised training: the attacker's recipe, and fine-tuning (baselines.py)
+# ================================================================================================
+
+def supervised_forward(model: nn.Module, xb: Tensor, yb: Tensor, cfg, device: torch.device) -> Tensor:
+    """Cross-entropy of model on the (augmented) uint8 batch xb."""
+    with autocast(device):
+        return F.cross_entropy(model(to_input(xb, cfg.channels_last)).float(), yb)
+
+
+def train_supervised(model: nn.Module, epoch_data, epochs: int, lr: float, batch: int, cfg,
+                     device: torch.device, stage: str, log: RunLog, augment: bool = True,
+                     state: RunState | None = None, schedule=cosine) -> None:
+    """Plain cross-entropy training with crop + flip. epoch_data(epoch) -> (x uint8, y) for that epoch:
+    ATTEQ-NN alternates poisoned and benign epochs."""
+    n = len(epoch_data(0)[0])
+    opt = sgd(model.parameters(), lr, cfg)
+    sched = schedule(opt, epochs * math.ceil(n / batch))
+    start, _ = state.restore(stage, model, opt, sched) if state else (1, {})
+    log.begin(stage, epochs, n, start)
+    for epoch in range(start, epochs + 1):
+        x, y = epoch_data(epoch - 1)
+        model.train()
+        total, watch, lr_now = torch.zeros((), device=device), FiniteWatch(device), sched.get_last_lr()[0]
+        perm = torch.randperm(len(x), device=x.device)
+        for step, i in enumerate(range(0, len(x), batch)):
+            idx = perm[i:i + batch]
+            loss = supervised_forward(model, random_crop_flip(x[idx]) if augment else x[idx], y[idx], cfg, device)
+            watch.see(loss, step)
+            descend(opt, sched, loss)
+            total += loss.detach() * len(idx)
+            log.step(len(idx), epoch)
+        log.pause()
+        watch.check(stage, epoch)
+        if state:
+            state.save(stage, epoch, model, opt, sched)
+        log.end_epoch(epoch, model, {"ce": float(total) / len(x)}, lr_now)
+
+
+# ================================================================================================
+# The start estimate: a few real steps of each kind, timed, before anything trains
+# ================================================================================================
+
+def time_step(step, device: torch.device, reps: int = 1) -> float:
+    """Seconds of one call of step(): the fastest of `reps` timed calls after one untimed (a fresh model's
+    first calls run slow: on 2 cores the median of two overestimated a 15.6-minute run as 20.6)."""
+    step()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def estimate_run(cfg, arch: str, counts: dict, device: torch.device, train_attacker: bool, steps_for) -> dict[str, float]:
+    """Seconds of each stage (attack, sad, ssl) of a run, from a few timed training steps of each kind and one
+    evaluation batch; the run's random state is left as it was. counts: the sizes of the training set, clean
+    subset, unlabelled pool, test and backdoor test sets. steps_for(arch) -> {stage: (module, loss(module)),
+    "eval": (model, x, y)}: the method's own steps on random images (ftt.training_steps)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        kinds = steps_for(arch)
+
+        def training_step(module: nn.Module, loss):
+            """One step of the loops' kind: loss(module) -> the step's loss, then descend (own optimiser per kind)."""
+            opt = sgd(module.parameters(), 1e-3, cfg)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+            return lambda: descend(opt, sched, loss(module.train()))
+
+        model, x, y = kinds["eval"]
+        n_eval = lambda epochs: sum(evaluation_due(e, epochs, cfg.eval_every) for e in range(1, epochs + 1))
+        eval_s = time_step(lambda: accuracy(model, x, y, device, cfg.channels_last), device, 1) / len(x)
+        eval_set = (counts["test"] + counts["backdoor_test"]) * eval_s
+        steps_ssl = max(counts["unlabelled"] // (cfg.mu * cfg.batch_size), 1) * cfg.ssl_epochs if counts["unlabelled"] else 0
+        timed = lambda stage: time_step(training_step(*kinds[stage]), device)
+        est = {"attack": cfg.attack_epochs * math.ceil(counts["train"] / cfg.attack_batch) * timed("attack")
+               if train_attacker and cfg.attack_epochs else 0.0,
+               "sad": cfg.sad_epochs * math.ceil(counts["clean"] / cfg.batch_size) * timed("sad") if cfg.sad_epochs else 0.0,
+               "ssl": steps_ssl * timed("ssl") if steps_ssl else 0.0}
+        evals = {"attack": n_eval(cfg.attack_epochs) if train_attacker else 0, "sad": n_eval(cfg.sad_epochs),
+                 "ssl": n_eval(cfg.ssl_epochs) if steps_ssl else 0}
+        return {stage: est[stage] + evals[stage] * eval_set for stage in est}
+
+
+def start_line(cfg, est: dict[str, float], device: torch.device, counts: dict, train_attacker: bool,
+               steps_for) -> str:
+    """The line printed before any training: the device, the estimated time of the run, and where that is
+    hours, what to run instead."""
+    total = sum(est.values())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    parts = ", ".join(f"{stage} {fmt_s(s)}" for stage, s in est.items() if s)
+    line = (f"ftt: device {device} ({name}) | estimated {fmt_s(total)} for the whole run ({parts}; from timed steps"
+            f"{' without torch.compile time' if cfg.compile else ''})")
+    if total > 3600:
+        alt = ""
+        if cfg.arch != "wrn16-1" and not cfg.model:
+            wrn = sum(estimate_run(cfg, "wrn16-1", counts, device, train_attacker, steps_for).values())
+            alt = f", or the paper's smaller setting --arch wrn16-1 (about {fmt_s(wrn)} here)"
+        line += (f"\nftt: that is hours on this machine. For a quick replication on a CPU run ./reproduce.sh quick "
+                 f"(Fashion-MNIST, WRN-16-1, all attacks and defences: about 40 min on 2 cores){alt}")
+    return line
+
+
+# ================================================================================================
+# Results: provenance, the table, results.json
+# ================================================================================================
+
+def versions() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "cuda": torch.version.cuda, "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()}
+
+
+def results_table(title: str, results: dict) -> str:
+    """The run's results as a Markdown table: before, every SAD attempt, SAD+SSL (ASR, ACC, RA, pool excess)."""
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"
+    pool = lambda r: f"{r['pool']['excess_pp']:+.2f} (class {r['pool']['class']})" if "pool" in r else "-"
+    sad = results.get("sad") or {}
+    rows = [("before", results.get("before"))]
+    rows += [(f"FTT (SAD, lr {r['lr']}, pool check failed)", r) for r in results.get("sad_tried", [])]
+    rows += [(f"FTT (SAD, lr {sad['lr']})" if "lr" in sad else "FTT (SAD)", results.get("sad")),
+             ("FTT (SAD+SSL)", results.get("ssl"))]
+    lines = [f"| {title} | ASR % | ACC % | RA % | pool excess, points (no trigger needed) |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {fmt(r['asr'])} | {fmt(r['acc'])} | {fmt(r.get('ra'))} | {pool(r)} |" for name, r in rows if r]
+    return "\n".join(lines)
+
+
+# ================================================================================================
+# The command line: flags are a dataclass's fields
+# ================================================================================================
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line naming the flag, exit code 2 (argparse adds a usage block)
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def add_flags(ap: argparse.ArgumentParser, cls, help: bool = True) -> None:
+    """One flag per field of the dataclass cls: --field-name (or metadata["flag"]), its type, default, choices."""
+    for f in dataclasses.fields(cls):
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        kw = {"dest": f.name, "default": f.default}
+        if help:
+            kw["help"] = f.metadata.get("help", "") + " (default: %(default)s)"
+        if f.type in ("bool", bool):
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.type in ("int", "float", "str"):
+            ap.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type],
+                            choices=f.metadata.get("choices"), **kw)
+
+
+def parse_config(cls, argv: list[str] | None, prog: str = "ftt", description: str = ""):
+    """argv -> cls(**flags); an unknown flag or a bad value: one line on stderr, exit code 2."""
+    ap = OneLineParser(prog=prog, description=description, allow_abbrev=False)
+    add_flags(ap, cls)
+    return cls(**vars(ap.parse_args(argv)))
+
+
+def run_cli(prog: str, run, out: str | Path) -> int:
+    """Call run(); a bad flag or a missing dataset: one line on stderr, exit code 2; a non-finite loss: one
+    line naming the resume state kept in `out`, exit code 1."""
+    try:
+        run()
+    except (DataError, ConfigError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:  # the checkpoint of the last finished epoch is left as it was
+        path = Path(out) / "checkpoint.pt"
+        if path.exists():
+            st = torch.load(path, map_location="cpu", weights_only=True)
+            kept = f"the last good checkpoint is kept: {path} ({st['stage']}, epoch {st['epoch']})"
+        else:
+            kept = "no epoch had finished, so there is no checkpoint"
+        print(f"{prog}: {e}; {kept}", file=sys.stderr)
+        return 1
+    return 0
