@@ -10,7 +10,7 @@ seeds, n = 6, 2 CPU cores): ASR 98.68 -> 1.59, ACC 84.17 -> 82.12; the paper's S
   eq. (2)  attention_sum                        eq. (6)  pseudo_labels
   eq. (3)  attention_sum_p                      eq. (7)  sad_loss (labelled half), ssl_loss (unlabelled half)
   eq. (4)  attention_max_p                      stages   stage1_sad, stage2_ssl; library entry point: purify
-Beyond the paper (each a function below "Beyond the paper"): the pool check, SAD's lr ladder, drop-suspect.
+Beyond the paper (functions below "Beyond the paper"): the pool check, SAD's lr ladder, drop-suspect, --teacher.
 Beside this file: augment.py (batched views), loading.py (checkpoints, data), harness.py (log, resume, CLI).
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ import json
 import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,9 +34,9 @@ import torch.nn.functional as F
 import attacks
 from augment import cutout, rand_augment, random_crop_flip
 from harness import (ARCHS, ATTACK_CHOICES, DATASETS, SSL_POOLS, SCHEDULES, ConfigError, FiniteWatch, RunLog,
-                     RunState, autocast, cosine, descend, ema_update, estimate_run, frozen_bn_stats, measured,
-                     parse_config, predictions, results_table, run_cli, save_atomic_text, sgd, start_line,
-                     supervised_forward, to_input, train_supervised, versions)
+                     RunState, autocast, bn_momentum, bn_reestimated, cosine, descend, ema_update, estimate_run,
+                     frozen_bn_stats, hit_rate, measured, parse_config, predictions, results_table, run_cli,
+                     save_atomic_text, sgd, start_line, supervised_forward, to_input, train_supervised, versions)
 from loading import load_model, prepare
 
 Tensor = torch.Tensor
@@ -76,6 +77,17 @@ class Config:
     threshold: float = flag(0.95, "pseudo-label confidence threshold t, eq. (6)")
     batch_size: int = flag(64, "labelled batch of both stages (paper: 64)")
     ema: float = flag(0.999, "stage 2 keeps, evaluates and saves an EMA of the weights with this decay (0: none)")
+    ssl_forward: str = flag("split", "stage 2's step: split (weak views without gradient, BatchNorm statistics "
+                                     "left alone) or one (FixMatch: labelled, weak and strong views in one trained "
+                                     "pass)", choices=("split", "one"))
+    ssl_bn_momentum: float = flag(0.0, "BatchNorm momentum during stage 2 (FixMatch: 0.001; 0: the model's own)")
+    ssl_decay_all: bool = flag(True, "stage 2's weight decay on every tensor (FixMatch: none on biases and "
+                                     "BatchNorm's weights)")
+    teacher: str = flag("none", "beyond the paper: the backdoored model's own predictions on pool images outside "
+                                "the suspect class as targets on their weak views (none, hard, soft; with --ssl-"
+                                "forward one)", choices=("none", "hard", "soft"))
+    teacher_weight: float = flag(1.0, "weight of --teacher's cross-entropy beside eq. (7)")
+    holdout: float = flag(0.0, "share of the clean subset kept out of both stages: ACC on defender data")
     momentum: float = flag(0.9, "SGD momentum, all training")
     weight_decay: float = flag(5e-4, "SGD weight decay, all training")
     # the experiment: data, attack, the attacker's training of the backdoored model (BackdoorBench's recipe)
@@ -393,6 +405,16 @@ def ssl_loss(logits_s: list[Tensor], feats_s: list[Tensor], pseudo: list[Tensor]
     return lambda_u * (ce + beta * ap), ce, ap
 
 
+def teacher_loss(logits_w: Tensor, target: Tensor) -> Tensor:
+    """Beyond the paper (--teacher): cross-entropy of the weak view's logits (B, K) against the backdoored model's
+    own prediction of the image: target (B,) classes, -1 where left out, or (B, K) probabilities, a zero row where
+    left out. Mean over the whole batch, left-out images counting 0 (as eq. (7)'s unlabelled half)."""
+    logp = F.log_softmax(logits_w.float(), 1)
+    if target.dim() == 1:
+        return F.nll_loss(logp, target, ignore_index=-1, reduction="sum") / len(target)
+    return -(target * logp).sum() / len(target)
+
+
 # ================================================================================================
 # The two views (paper, "Semi-Supervised Learning"): weak = flip-and-shift; strong = an AutoAugment-style
 # policy, then Cutout. uint8 (B, C, H, W) -> the same, each image its own draw (augment.py).
@@ -423,23 +445,31 @@ def sad_forward(net: Branched, xb: Tensor, yb: Tensor, weights: list[float], cfg
 
 
 def ssl_forward(net: Branched, xb: Tensor, yb: Tensor, u_weak: Tensor, u_strong: Tensor, weights: list[float],
-                cfg: Config, device: torch.device) -> tuple[Tensor, Tensor]:
-    """eq. (7) whole for one step: per-exit pseudo-labels (eq. 6) from the weak view of the unlabelled
-    batch (no gradient; BatchNorm's running statistics left alone), then the labelled batch xb and the
-    strong view in one forward pass, which alone trains.
-    -> (loss, (ce_l, ap_l, ce_u, ap_u, share of the deepest exit's pseudo-labels kept))."""
-    with torch.no_grad(), autocast(device), frozen_bn_stats(net):
-        logits_u_w, _ = net(to_input(u_weak, cfg.channels_last))
-    pseudo = [pseudo_labels(z.float().softmax(1), cfg.threshold) for z in logits_u_w]  # eq. (6), per exit
-    with autocast(device):
-        logits, feats = net(to_input(torch.cat([xb, u_strong]), cfg.channels_last))
-    n = len(xb)
+                cfg: Config, device: torch.device, teacher: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """eq. (7) whole for one step: per-exit pseudo-labels (eq. 6) from the weak view of the unlabelled batch, the
+    labelled batch xb and the strong view trained. --ssl-forward split: the weak view in a pass of its own, without
+    gradient, BatchNorm's running statistics left alone; one: all three in one trained pass, as FixMatch (its
+    BatchNorm statistics come from all three). teacher (--teacher, beyond the paper): targets for the weak view.
+    -> (loss, (ce_l, ap_l, ce_u, ap_u, teacher CE, share of pseudo-labels kept at each exit, deepest last))."""
+    n, m = len(xb), len(u_weak)
+    if cfg.ssl_forward == "one":
+        with autocast(device):
+            logits, feats = net(to_input(torch.cat([xb, u_weak, u_strong]), cfg.channels_last))
+        logits_u_w, strong = [z[n:n + m] for z in logits], slice(n + m, None)
+    else:
+        with torch.no_grad(), autocast(device), frozen_bn_stats(net):
+            logits_u_w, _ = net(to_input(u_weak, cfg.channels_last))
+        with autocast(device):
+            logits, feats = net(to_input(torch.cat([xb, u_strong]), cfg.channels_last))
+        strong = slice(n, None)
+    pseudo = [pseudo_labels(z.detach().float().softmax(1), cfg.threshold) for z in logits_u_w]  # eq. (6), per exit
     loss_x, ce_l, ap_l = sad_loss([z[:n] for z in logits], [f[:n] for f in feats], yb,
                                   weights, cfg.beta, cfg.p, cfg.detach_deep, cfg.ap_reduce)
-    loss_u, ce_u, ap_u = ssl_loss([z[n:] for z in logits], [f[n:] for f in feats], pseudo,
+    loss_u, ce_u, ap_u = ssl_loss([z[strong] for z in logits], [f[strong] for f in feats], pseudo,
                                   weights, cfg.beta, cfg.lambda_u, cfg.p, cfg.detach_deep, cfg.ap_reduce)
-    mask = (pseudo[-1] >= 0).float().mean()
-    return loss_x + loss_u, torch.stack([ce_l, ap_l, ce_u, ap_u, mask]).detach()  # eq. (7)
+    ce_t = teacher_loss(logits_u_w[-1], teacher) if teacher is not None else loss_u.new_zeros(())
+    masks = [(q >= 0).float().mean() for q in pseudo]
+    return loss_x + loss_u + cfg.teacher_weight * ce_t, torch.stack([ce_l, ap_l, ce_u, ap_u, ce_t, *masks]).detach()
 
 
 # ================================================================================================
@@ -486,15 +516,17 @@ def ssl_schedule(n_unlabelled: int, cfg: Config) -> tuple[int, int]:
 
 
 def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config, device: torch.device,
-               log: RunLog, state: RunState | None = None) -> nn.Module:
-    """Trains net on the labelled x_l, y_l and the unlabelled x_u (uint8 (N, C, H, W)) with eq. (7) whole.
-    -> the model to keep: with cfg.ema > 0 an exponential moving average of the backbone's weights
-    (evaluated every epoch and saved), else the backbone itself."""
+               log: RunLog, state: RunState | None = None, teacher: Tensor | None = None) -> nn.Module:
+    """Trains net on the labelled x_l, y_l and the unlabelled x_u (uint8 (N, C, H, W)) with eq. (7) whole;
+    teacher: --teacher's targets, one per image of x_u. -> the model to keep: with cfg.ema > 0 an exponential
+    moving average of the backbone's weights (evaluated every epoch and saved), else the backbone itself."""
     weights = exit_weights(len(net.exits) + 1)
     b, bu = cfg.batch_size, cfg.mu * cfg.batch_size
     steps, total_steps = ssl_schedule(len(x_u), cfg)
-    opt = sgd(net.parameters(), cfg.ssl_lr, cfg, nesterov=True)
+    opt = sgd(net.parameters(), cfg.ssl_lr, cfg, nesterov=True, decay_all=cfg.ssl_decay_all)
     sched = cosine(opt, total_steps)
+    names = ["ce_l", "ap_l", "ce_u", "ap_u", "teacher"] + [f"mask{i}" for i in range(1, len(net.exits) + 1)] + \
+        ["mask"]  # the share of pseudo-labels kept at exit i, and at the deepest
     ema = copy.deepcopy(net.backbone).requires_grad_(False) if cfg.ema > 0 else None
     perm_l, pos_l = torch.randperm(len(x_l), device=x_l.device), 0
     start, extra = state.restore("ssl", net, opt, sched) if state else (1, {})
@@ -505,15 +537,17 @@ def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config
     log.begin("ssl", cfg.ssl_epochs, steps * bu, start)
     for epoch in range(start, cfg.ssl_epochs + 1):
         net.train()
-        sums, watch, lr_now = torch.zeros(5, device=device), FiniteWatch(device), sched.get_last_lr()[0]
+        sums, watch, lr_now = torch.zeros(len(names), device=device), FiniteWatch(device), sched.get_last_lr()[0]
         perm_u = torch.randperm(len(x_u), device=x_u.device)
         for step in range(steps):
             if pos_l + b > len(x_l):  # the labelled set is small: cycle through it, reshuffled
                 perm_l, pos_l = torch.randperm(len(x_l), device=x_l.device), 0
             idx_l, pos_l = perm_l[pos_l:pos_l + b], pos_l + b
-            u = x_u[perm_u[step * bu:(step + 1) * bu]]
-            loss, parts = ssl_forward(net, weak_augment(x_l[idx_l]), y_l[idx_l], weak_augment(u),
-                                      strong_augment(u), weights, cfg, device)
+            idx_u = perm_u[step * bu:(step + 1) * bu]
+            u = x_u[idx_u]
+            with bn_momentum(net, cfg.ssl_bn_momentum) if cfg.ssl_bn_momentum > 0 else nullcontext():
+                loss, parts = ssl_forward(net, weak_augment(x_l[idx_l]), y_l[idx_l], weak_augment(u), strong_augment(u),
+                                          weights, cfg, device, teacher[idx_u] if teacher is not None else None)
             watch.see(loss, step)
             descend(opt, sched, loss)
             if ema is not None:
@@ -522,12 +556,13 @@ def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config
             log.step(len(u), epoch)
         log.pause()
         watch.check("ssl", epoch)
-        ce_l, ap_l, ce_u, ap_u, mask = (sums / steps).tolist()  # read once per epoch
+        parts = dict(zip(names, (sums / steps).tolist()))  # read once per epoch
+        if teacher is None:
+            del parts["teacher"]
         if state:
             state.save("ssl", epoch, net, opt, sched, {"perm_l": perm_l.cpu(), "pos_l": pos_l,
                                                        **({"ema": ema.state_dict()} if ema is not None else {})})
-        log.end_epoch(epoch, ema if ema is not None else net.backbone,
-                      {"ce_l": ce_l, "ap_l": ap_l, "ce_u": ce_u, "ap_u": ap_u, "mask": mask}, lr_now)
+        log.end_epoch(epoch, ema if ema is not None else net.backbone, parts, lr_now)
     return ema if ema is not None else net.backbone
 
 
@@ -584,10 +619,13 @@ class PoolCheck:
     construction; after(stage, model, result) compares a purified model with it. suspect: the class with the
     largest excess; visible: that excess is large enough (POOL_SIGNAL) for the check to mean anything."""
 
-    def __init__(self, model: nn.Module, x_pool: Tensor, y_labelled: Tensor, k: int, cfg: Config, device: torch.device):
+    def __init__(self, model: nn.Module, x_pool: Tensor, y_labelled: Tensor, k: int, cfg: Config, device: torch.device,
+                 held_out: tuple[Tensor, Tensor] | None = None):
+        self.held_out = held_out  # (x, y): clean labelled images no stage trains on; after() adds ACC on them
         order = torch.randperm(len(x_pool), generator=torch.Generator().manual_seed(cfg.seed))[:POOL_PROBE]
         probe = x_pool[order.to(x_pool.device)]
-        self.predict = lambda m: predictions(m, probe, device, cfg.channels_last)
+        self.predict_on = lambda m, x: predictions(m, x, device, cfg.channels_last)
+        self.predict = lambda m: self.predict_on(m, probe)
         self.y_labelled, self.k = y_labelled, k
         self.pred = self.predict(model) if len(x_pool) else None
         self.excess = class_excess(self.pred, y_labelled, k) if len(x_pool) else None
@@ -597,6 +635,8 @@ class PoolCheck:
     def after(self, stage: str, model: nn.Module, result: dict) -> bool:
         """result["pool"] for `model` after `stage`; True (and a warning line) when the backdoor survived; a
         warning line when most of the images that left the suspect class went to one other class (moved)."""
+        if self.held_out is not None:
+            result["acc_held_out"] = hit_rate(self.predict_on(model, self.held_out[0]), self.held_out[1])
         if self.excess is None:
             return False
         pred = self.predict(model)
@@ -633,6 +673,23 @@ def drop_suspect(model: nn.Module, x_pool: Tensor, check: PoolCheck, device: tor
           f"the backdoored model puts every pool image in class {check.suspect}") + ", so stage 2 uses all of it",
           flush=True)
     return x_pool, None
+
+
+def teacher_targets(model: nn.Module, x_pool: Tensor, check: PoolCheck, soft: bool, device: torch.device,
+                    channels_last: bool = True, batch: int = 1024) -> Tensor | None:
+    """--teacher: the backdoored model's own prediction of each pool image (soft: its probabilities, hard: its
+    class), left out (a zero row, or -1) where it is the suspect class, where the triggered images go. None, with a
+    line, when the pool shows no suspect class: nothing then tells which predictions a trigger made."""
+    if not check.visible:
+        print("ftt: --teacher: the pool check sees no suspect class, so the backdoored model's predictions may carry "
+              "its trigger: stage 2 runs without them", flush=True)
+        return None
+    model.eval()
+    with torch.no_grad(), autocast(device):
+        probs = torch.cat([model(to_input(x_pool[i:i + batch].to(device), channels_last)).float().softmax(1)
+                           for i in range(0, len(x_pool), batch)])
+    keep = probs.argmax(1) != check.suspect
+    return probs * keep[:, None] if soft else torch.where(keep, probs.argmax(1), -1)
 
 
 def lr_ladder(start: float, top: float) -> list[float]:
@@ -696,22 +753,42 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
     results = state.results if state else {}
     timings = {} if timings is None else timings
     x_l, y_l, x_u = x_labelled.to(device), y_labelled.to(device), x_pool.to(device)
-    check = PoolCheck(model, x_u, y_l, k, cfg, device)
+    held_out = None
+    if cfg.holdout > 0:  # --holdout: ACC on clean images that no stage trains on, for choices made on defender data
+        order = torch.randperm(len(x_l), generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
+        n = round(cfg.holdout * len(x_l))
+        held_out, x_l, y_l = (x_l[order[:n]], y_l[order[:n]]), x_l[order[n:]], y_l[order[n:]]
+    check = PoolCheck(model, x_u, y_labelled.to(device), k, cfg, device, held_out)
+    before = results.setdefault("before", {})
     if check.excess is not None:
-        results.setdefault("before", {})["pool"] = pool_report(check.excess)
+        before["pool"] = pool_report(check.excess)
+    before["acc_labelled"] = hit_rate(predictions(model, x_l, device, cfg.channels_last), y_l)
+    if held_out is not None:
+        before["acc_held_out"] = hit_rate(predictions(model, held_out[0], device, cfg.channels_last), held_out[1])
+    probe = x_u[torch.randperm(len(x_u), generator=torch.Generator().manual_seed(cfg.seed))[:POOL_PROBE].to(device)]
+
+    def diagnose(m: nn.Module, result: dict) -> None:  # ACC, ASR, RA with BatchNorm's statistics from the pool
+        if log.evaluates and len(probe):
+            result["bn_pool"] = measured(log.evaluate(bn_reestimated(m, probe, device, weak_augment, cfg.channels_last)))
+    diagnose(model, before)
     if cfg.ssl_pool == "drop-suspect" and cfg.ssl_epochs and len(x_u):
         x_u, info = drop_suspect(model, x_u, check, device, cfg.channels_last)  # before SAD changes the model
         if info:
             results["ssl_pool"] = info
+    teacher = teacher_targets(model, x_u, check, cfg.teacher == "soft", device, cfg.channels_last) \
+        if cfg.teacher != "none" and cfg.ssl_epochs and len(x_u) else None
     t = time.time()
     net = sad_on_the_ladder(model, x_l, y_l, cfg, check, k, device, log, state, results)
     timings["sad_s"] = time.time() - t
+    if "bn_pool" not in results["sad"]:  # (a resumed stage 2 holds SAD's weights in its state, not in net yet)
+        diagnose(net.backbone, results["sad"])
     t = time.time()
     purified = net.backbone
     if len(x_u) and cfg.ssl_epochs:
-        purified = stage2_ssl(net, x_l, y_l, x_u, cfg, device, log, state)
+        purified = stage2_ssl(net, x_l, y_l, x_u, cfg, device, log, state, teacher)
         results["ssl"] = measured(log.measure("ssl", purified))
         check.after("ssl", purified, results["ssl"])
+        diagnose(purified, results["ssl"])
     elif not cfg.quiet:
         print("stage 2 skipped: " + ("--ssl-epochs 0" if len(x_u) else "no unlabelled images (--unlabeled-dir)"))
     timings["ssl_s"] = time.time() - t

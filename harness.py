@@ -6,6 +6,7 @@ training steps to time, say), the caller passes it in.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -97,6 +98,12 @@ def validate(cfg) -> None:
     for name in ("attack_batch", "batch_size", "mu", "attack_lr", "sad_lr", "sad_lr_max", "ssl_lr"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} must be > 0")
+    if getattr(cfg, "teacher", "none") != "none" and cfg.ssl_forward != "one":
+        raise ConfigError(f"--teacher {cfg.teacher}: needs --ssl-forward one (its loss trains the weak view's pass)")
+    if not 0 <= getattr(cfg, "holdout", 0) < 1:
+        raise ConfigError(f"--holdout: {cfg.holdout} must lie in [0, 1)")
+    if not 0 <= getattr(cfg, "ssl_bn_momentum", 0) <= 1:
+        raise ConfigError(f"--ssl-bn-momentum: {cfg.ssl_bn_momentum} must lie in [0, 1] (0: the model's own)")
     if cfg.sad_lr_max < cfg.sad_lr:
         raise ConfigError(f"--sad-lr-max: {cfg.sad_lr_max} is below --sad-lr {cfg.sad_lr}; give both (equal: SAD runs once)")
     if cfg.target < 0:
@@ -149,11 +156,14 @@ def validate(cfg) -> None:
 # Optimiser, schedules, and what every training step shares
 # ================================================================================================
 
-def sgd(params, lr: float, cfg, nesterov: bool = False) -> torch.optim.SGD:
-    """SGD with the run's momentum and weight decay, one fused kernel per step on CUDA (foreach on CPU)."""
+def sgd(params, lr: float, cfg, nesterov: bool = False, decay_all: bool = True) -> torch.optim.SGD:
+    """SGD with the run's momentum and weight decay, one fused kernel per step on CUDA (foreach on CPU).
+    decay_all=False: no weight decay on tensors of one dimension (biases, BatchNorm's weights), as FixMatch."""
     params = list(params)
     fused = bool(params) and params[0].is_cuda
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=nesterov,
+    groups = [{"params": params}] if decay_all else [{"params": [q for q in params if q.dim() > 1]},
+                                                     {"params": [q for q in params if q.dim() <= 1], "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=nesterov,
                            fused=fused or None, foreach=None if fused else True)
 
 
@@ -205,18 +215,24 @@ class FiniteWatch:
 
 
 @contextmanager
-def frozen_bn_stats(model: nn.Module):
-    """BatchNorm layers in train mode normalise with the batch's statistics as usual, but leave their
-    running statistics as they are (momentum 0): for SSL's no-grad weak-view pass."""
+def bn_momentum(model: nn.Module, momentum: float):
+    """Every BatchNorm layer of model updates its running statistics with this momentum inside the block (torch's
+    convention: new = (1 - momentum) old + momentum batch), and with its own again after it."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in bns]
     for m in bns:
-        m.momentum = 0.0
+        m.momentum = momentum
     try:
         yield
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom
+
+
+def frozen_bn_stats(model: nn.Module):
+    """BatchNorm layers in train mode normalise with the batch's statistics as usual, but leave their
+    running statistics as they are (momentum 0): for SSL's no-grad weak-view pass."""
+    return bn_momentum(model, 0.0)
 
 
 @torch.no_grad()
@@ -275,6 +291,22 @@ def evaluator(x_te: Tensor, y_te: Tensor, x_bd: Tensor, y_bd: Tensor, y_ra: Tens
     return evaluate
 
 
+@torch.no_grad()
+def bn_reestimated(model: nn.Module, x: Tensor, device: torch.device, augment, channels_last: bool = True,
+                   batch: int = 256) -> nn.Module:
+    """A copy of model whose BatchNorm running statistics are recomputed, a plain average over batches, on
+    augment(x) (uint8): when that alone moves ACC, the statistics, not the weights, are what changed it."""
+    m = copy.deepcopy(model).train()
+    for bn in (layer for layer in m.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)):
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # training's stream untouched
+        torch.manual_seed(0)  # the same views whatever ran before: a resumed run measures what a whole one does
+        for i in range(0, len(x), batch):
+            m(to_input(augment(x[i:i + batch].to(device)), channels_last))
+    return m.eval()
+
+
 def measured(acc_asr: tuple[float, ...]) -> dict:
     """(ACC, ASR) or (ACC, ASR, RA) -> {"acc", "asr"[, "ra"]}, None where there was nothing to measure (JSON
     has no NaN)."""
@@ -306,6 +338,7 @@ class RunLog:
 
     def __init__(self, evaluate=None, every: int = 1, path: Path | None = None, quiet: bool = False,
                  estimates: dict | None = None):
+        self.evaluates = evaluate is not None
         self.evaluate = evaluate or (lambda model: (float("nan"), float("nan")))
         self.every, self.path, self.quiet, self.estimates = every, path, quiet, dict(estimates or {})
         self.final = {}  # stage -> (ACC, ASR) of its last epoch, so that it is not evaluated twice

@@ -307,7 +307,7 @@ def test_each_exit_learns_from_its_own_pseudo_labels():
     cfg = ftt.Config(threshold=0.95, channels_last=False)
     _, parts = ftt.ssl_forward(TwoExits().train(), solid(0)[:1], torch.tensor([0]), solid(255), solid(255),
                                [1.0, 1.0], cfg, torch.device("cpu"))
-    assert parts[2] < 1e-6 and parts[4] == 1.0  # every image passed t at the deepest exit
+    assert parts[2] < 1e-6 and parts[-1] == 1.0  # every image passed t at the deepest exit (its share: last)
 
 
 def test_weak_view_pass_leaves_batchnorm_running_statistics_alone():
@@ -371,6 +371,116 @@ def test_ssl_changes_the_weights_and_returns_their_average(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2] and all(r["stage"] == "ssl" and r["mask"] > 0 for r in rows)
     assert ftt.stage2_ssl(net, x_l, y_l, x_u, dataclasses.replace(cfg, ema=0.0), torch.device("cpu"),
                           harness.RunLog(quiet=True)) is net.backbone
+
+
+def bn_inputs(net):
+    """Forward hooks on every BatchNorm of net: -> (calls, remove); calls: (layer, input, training) per call."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: calls.append((mod, inp[0].detach().clone(), mod.training)))
+             for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    return calls, lambda: [h.remove() for h in hooks]
+
+
+@pytest.mark.parametrize("forward", ["one", "split"])
+def test_stage_2_batchnorm_statistics_come_from_the_views_its_forward_trains(forward):
+    # --ssl-forward one (FixMatch): labelled, weak and strong views in one pass in training mode, so with
+    # momentum 1 every BatchNorm's running mean is the mean of exactly that concatenated batch; split: the weak
+    # pass leaves the statistics alone and they come from the labelled and strong views only
+    net, x_l, y_l, x_u, cfg = tiny_ssl_setup()
+    cfg = dataclasses.replace(cfg, ssl_forward=forward)
+    net.train()
+    xb, uw, us = x_l[:8], x_u[:16], x_u[16:32]
+    calls, remove = bn_inputs(net)
+    with harness.bn_momentum(net, 1.0):
+        ftt.ssl_forward(net, xb, y_l[:8], uw, us, ftt.exit_weights(3), cfg, torch.device("cpu"))
+    remove()
+    trained = [c for c in calls if c[0] is calls[0][0]]  # the first BatchNorm the input meets, every call of it
+    sizes = [len(inp) for _, inp, _ in trained]
+    assert all(training for _, _, training in calls)
+    assert sizes == ([8 + 16 + 16] if forward == "one" else [16, 8 + 16])
+    bn, inp, _ = trained[-1]
+    assert torch.allclose(bn.running_mean, inp.mean((0, 2, 3)), atol=1e-5)  # the trained pass set the statistics
+
+
+def test_bn_momentum_sets_and_restores_every_batchnorm():
+    net = ftt.build_backbone("wrn10-1", 1, 3)
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    with harness.bn_momentum(net, 0.001):
+        assert all(m.momentum == 0.001 for m in bns)
+    assert all(m.momentum == 0.1 for m in bns)
+
+
+def test_sgd_without_decay_on_biases_and_batchnorm_weights_as_fixmatch():
+    net = ftt.build_backbone("wrn10-1", 1, 3)
+    cfg = ftt.Config()
+    every = harness.sgd(net.parameters(), 0.1, cfg)
+    some = harness.sgd(net.parameters(), 0.1, cfg, decay_all=False)
+    assert [g["weight_decay"] for g in every.param_groups] == [cfg.weight_decay]
+    decayed, free = some.param_groups
+    assert decayed["weight_decay"] == cfg.weight_decay and free["weight_decay"] == 0.0
+    names = {id(q): n for n, q in net.named_parameters()}
+    assert {names[id(q)] for q in free["params"]} == {n for n, q in net.named_parameters()
+                                                      if n.endswith("bias") or ".bn" in n or "norm" in n or q.dim() == 1}
+    assert all(q.dim() > 1 for q in decayed["params"]) and len(decayed["params"]) + len(free["params"]) == len(names)
+
+
+@given(st.integers(1, 12), st.integers(2, 6), seeds)
+def test_teacher_loss_hard_and_soft_agree_and_left_out_images_count_zero(b, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, k, generator=g, dtype=torch.float64)
+    cls = torch.randint(0, k, (b,), generator=g)
+    keep = torch.rand(b, generator=g) < 0.6
+    hard = torch.where(keep, cls, -1)
+    soft = nn.functional.one_hot(cls, k).double() * keep[:, None]
+    expect = sum(nn.functional.cross_entropy(logits[i:i + 1], cls[i:i + 1]) for i in range(b) if keep[i]) / b \
+        if keep.any() else torch.tensor(0.0, dtype=torch.float64)
+    assert float(ftt.teacher_loss(logits, hard)) == pytest.approx(float(expect), abs=1e-6)
+    assert float(ftt.teacher_loss(logits, soft)) == pytest.approx(float(expect), abs=1e-6)
+
+
+class Fixed(nn.Module):
+    """A 'model' that puts image i in class (its first pixel) mod k, with confidence 0.9."""
+    def __init__(self, k):
+        super().__init__()
+        self.k, self.w = k, nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        cls = (x[:, 0, 0, 0] * 255).round().long() % self.k
+        return torch.log(torch.full((len(x), self.k), 0.1 / (self.k - 1)).scatter(1, cls[:, None], 0.9)) + self.w
+
+
+def test_teacher_targets_leave_out_the_suspect_class_and_refuse_without_one(capsys):
+    k = 4
+    x = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 1, 2, 2).contiguous()
+    cls = torch.arange(40) % k
+
+    class Check:
+        visible, suspect = True, 2
+    hard = ftt.teacher_targets(Fixed(k), x, Check(), False, torch.device("cpu"), False)
+    assert torch.equal(hard, torch.where(cls == 2, -1, cls))
+    soft = ftt.teacher_targets(Fixed(k), x, Check(), True, torch.device("cpu"), False)
+    assert torch.allclose(soft.sum(1), (cls != 2).float()) and torch.equal(soft.argmax(1)[cls != 2], cls[cls != 2])
+    Check.visible = False
+    assert ftt.teacher_targets(Fixed(k), x, Check(), False, torch.device("cpu"), False) is None
+    assert "sees no suspect class" in capsys.readouterr().out
+
+
+def test_teacher_needs_the_one_pass_forward_and_holdout_a_share():
+    with pytest.raises(harness.ConfigError, match="--ssl-forward one"):
+        harness.validate(ftt.Config(teacher="hard"))
+    with pytest.raises(harness.ConfigError, match="--holdout"):
+        harness.validate(ftt.Config(holdout=1.0))
+
+
+def test_ssl_with_a_teacher_logs_its_loss_and_each_exits_share_of_pseudo_labels(tmp_path):
+    net, x_l, y_l, x_u, cfg = tiny_ssl_setup()
+    cfg = dataclasses.replace(cfg, ssl_forward="one", teacher="hard", threshold=0.5, ssl_epochs=1)
+    log = tmp_path / "log.jsonl"
+    teacher = torch.randint(-1, 3, (len(x_u),), generator=torch.Generator().manual_seed(0))
+    ftt.stage2_ssl(net, x_l, y_l, x_u, cfg, torch.device("cpu"), harness.RunLog(path=log, quiet=True), None, teacher)
+    row = json.loads(log.read_text().splitlines()[-1])
+    assert row["teacher"] > 0 and {"mask1", "mask2", "mask"} <= set(row)
+    assert all(0 <= row[m] <= 1 for m in ("mask1", "mask2", "mask"))
 
 
 @given(st.floats(1e-5, 1.0), st.floats(1e-5, 10.0))
