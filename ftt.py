@@ -623,7 +623,7 @@ class PoolCheck:
                  held_out: tuple[Tensor, Tensor] | None = None):
         self.held_out = held_out  # (x, y): clean labelled images no stage trains on; after() adds ACC on them
         order = torch.randperm(len(x_pool), generator=torch.Generator().manual_seed(cfg.seed))[:POOL_PROBE]
-        probe = x_pool[order.to(x_pool.device)]
+        self.probe = probe = x_pool[order.to(x_pool.device)]  # also where purify's diagnostic re-estimates BatchNorm
         self.predict_on = lambda m, x: predictions(m, x, device, cfg.channels_last)
         self.predict = lambda m: self.predict_on(m, probe)
         self.y_labelled, self.k = y_labelled, k
@@ -765,7 +765,7 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
     before["acc_labelled"] = hit_rate(predictions(model, x_l, device, cfg.channels_last), y_l)
     if held_out is not None:
         before["acc_held_out"] = hit_rate(predictions(model, held_out[0], device, cfg.channels_last), held_out[1])
-    probe = x_u[torch.randperm(len(x_u), generator=torch.Generator().manual_seed(cfg.seed))[:POOL_PROBE].to(device)]
+    probe = check.probe
 
     def diagnose(m: nn.Module, result: dict) -> None:  # ACC, ASR, RA with BatchNorm's statistics from the pool
         if log.evaluates and len(probe):
