@@ -77,14 +77,28 @@ def patch(x: Tensor, rgba: Tensor) -> Tensor:
     return a * (p.float() / 255) + (1 - a) * x
 
 
-def grid_rgba(channels: int, h: int, w: int, size: int = 3) -> Tensor:
-    """A size x size black-and-white checkerboard in the bottom-right corner, white where the row and
-    column within it have an even sum, as an rgba (channels + 1, H, W) for `patch`: the 3x3 "grid" trigger
-    of many published BadNets models. Opaque on the square, transparent elsewhere."""
+def checkerboard_rgba(channels: int, h: int, w: int, size: int = 3) -> Tensor:
+    """Ours, not a published trigger: a size x size black-and-white checkerboard in the bottom-right corner,
+    white where the row and column within it have an even sum, as an rgba (channels + 1, H, W) for `patch`.
+    Opaque on the square, transparent elsewhere. The grid of NAD, ABL and MEDIC is nad_grid_rgba."""
     rgba = torch.zeros(channels + 1, h, w, dtype=torch.uint8)
     i = torch.arange(size)
     rgba[:channels, -size:, -size:] = ((i[:, None] + i[None, :]) % 2 == 0).to(torch.uint8) * 255
     rgba[channels, -size:, -size:] = 255
+    return rgba
+
+
+# The 3x3 grid of NAD's, ABL's and MEDIC's released BadNets models (bottom-right; the same in every channel):
+# on 32 x 32 images rows 29-31 x cols 29-31, row 29 first.
+NAD_GRID = ((0, 0, 255), (0, 255, 0), (255, 0, 255))
+
+
+def nad_grid_rgba(channels: int, h: int, w: int) -> Tensor:
+    """NAD_GRID in the bottom-right 3x3 corner of every channel, as an rgba (channels + 1, H, W) for `patch`
+    (the trigger of the third-party grid models; `grid_br.png`)."""
+    rgba = torch.zeros(channels + 1, h, w, dtype=torch.uint8)
+    rgba[:channels, -3:, -3:] = torch.tensor(NAD_GRID, dtype=torch.uint8)
+    rgba[channels, -3:, -3:] = 255
     return rgba
 
 
@@ -324,16 +338,18 @@ class PoisonedSet:
 
 def poison(images: Tensor, labels: Tensor, trigger: Trigger, rate: float, target: int, seed: int,
            noise: Callable[[Tensor, torch.Generator], Tensor] | None = None,
-           cross_ratio: float = 0.0) -> PoisonedSet:
+           cross_ratio: float = 0.0, clean_label: bool = False) -> PoisonedSet:
     """Poison round(rate N) samples drawn from the non-target classes (a triggered target-class
-    image teaches the model nothing): trigger them and relabel them `target`. With `noise`, a
-    further round(cross_ratio rate N) untouched samples get noise(x) and keep their labels."""
+    image teaches the model nothing): trigger them and relabel them `target`. clean_label: draw them from
+    the target class instead and keep their labels (the trigger rides on correctly labelled images). With
+    `noise`, a further round(cross_ratio rate N) untouched samples get noise(x) and keep their labels."""
     n = len(images)
     g = torch.Generator().manual_seed(seed)
     n_poison = round(rate * n)
-    candidates = (labels != target).nonzero().flatten()
+    candidates = ((labels == target) if clean_label else (labels != target)).nonzero().flatten()
     if n_poison > len(candidates):
-        raise ValueError(f"poison rate {rate} needs {n_poison} non-target samples, only {len(candidates)} exist")
+        kind = "target-class" if clean_label else "non-target"
+        raise ValueError(f"poison rate {rate} needs {n_poison} {kind} samples, only {len(candidates)} exist")
     order = candidates[torch.randperm(len(candidates), generator=g)]
     poison_idx = order[:n_poison].sort().values
     images, labels = images.clone(), labels.clone()

@@ -41,6 +41,10 @@ class Baseline:
     margin: float = 5.0           # FP, ANP: prune while held-out clean ACC stays within this many points
     holdout: float = 0.2          # FP, ANP: share of the clean subset held out to choose the pruning depth
     nad_betas: tuple = (500.0, 1000.0, 1000.0)  # NAD's CIFAR betas, on the last three stages
+    nad_recipe: str = "released"  # NAD's released code (bboylyg/NAD main.py, config.py, utils/util.py): teacher
+                                  # fine-tuned nad_teacher_epochs, student --sad-epochs, both at lr 0.1 for 2 epochs
+                                  # then 0.01, Nesterov, weight decay 1e-4; "shared": FT's budget and --sad-schedule
+    nad_teacher_epochs: int = 10  # NAD's README: the teacher is the backdoored model fine-tuned 5-10 epochs
     anp_eps: float = 0.4          # ANP: bound of the multiplicative neuron perturbation
     anp_alpha: float = 0.2        # ANP: weight of the clean loss against the perturbed loss
     anp_lr: float = 0.2           # ANP: SGD lr of the masks
@@ -130,12 +134,22 @@ def stage_features(model: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
 def nad(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, device: torch.device,
         log: harness.RunLog) -> nn.Module:
     """Teacher: the backdoored model fine-tuned on the clean subset. Student: the backdoored model
-    trained with CE plus sum_i beta_i nad_loss at the last len(betas) stages' outputs."""
-    teacher = fine_tune(copy.deepcopy(model), x, y, cfg, device, log, "nad-t").eval().requires_grad_(False)
-    betas = b.nad_betas[-len(model.stages):]
-    opt = harness.sgd(model.parameters(), cfg.sad_lr_max, cfg)
+    trained with CE plus sum_i beta_i nad_loss at the last len(betas) stages' outputs. b.nad_recipe
+    "released": the schedule, optimiser and teacher budget of NAD's released code (see Baseline)."""
     steps = math.ceil(len(x) / cfg.batch_size)
-    sched = harness.SCHEDULES[cfg.sad_schedule](opt, cfg.sad_epochs * steps)
+    if b.nad_recipe == "released":
+        cfg = dataclasses.replace(cfg, weight_decay=1e-4)
+        schedule, nesterov = harness.nad_released(), True
+        teacher = copy.deepcopy(model)
+        harness.train_supervised(teacher, lambda e: (x, y), b.nad_teacher_epochs, cfg.sad_lr_max, cfg.batch_size, cfg,
+                                 device, "nad-t", log, schedule=lambda o, total: schedule(o, total, steps), nesterov=True)
+    else:
+        schedule, nesterov = lambda o, total, _: harness.SCHEDULES[cfg.sad_schedule](o, total), False
+        teacher = fine_tune(copy.deepcopy(model), x, y, cfg, device, log, "nad-t")
+    teacher = teacher.eval().requires_grad_(False)
+    betas = b.nad_betas[-len(model.stages):]
+    opt = harness.sgd(model.parameters(), cfg.sad_lr_max, cfg, nesterov)
+    sched = schedule(opt, cfg.sad_epochs * steps, steps)
     log.begin("nad", cfg.sad_epochs, len(x))
     for epoch in range(1, cfg.sad_epochs + 1):
         model.train()
@@ -275,7 +289,7 @@ def anp(model: nn.Module, x: Tensor, y: Tensor, cfg: ftt.Config, b: Baseline, de
 def prepare(cfg: ftt.Config) -> dict:
     """What every method of a row shares, made once per process: loading.prepare's data, evaluation and
     backdoored --model (as ftt.py makes them from the same flags), and its figures before any defence."""
-    if not cfg.model:
+    if not (cfg.model or cfg.backdoorbench):
         raise harness.ConfigError("--model: a baseline needs the backdoored checkpoint it defends (ftt.py's backdoored.pt)")
     t0 = time.time()
     prep = loading.prepare(cfg, ftt.build_backbone, ftt.make_trigger)
@@ -288,7 +302,10 @@ def run(cfg: ftt.Config, b: Baseline, prep: dict | None = None) -> dict:
     nothing is read or poisoned again; the method starts from the same weights and RNG state either way."""
     if b.method not in METHODS:
         raise harness.ConfigError(f"--method: {b.method!r} is not one of {', '.join(METHODS)}")
+    if b.nad_recipe not in ("released", "shared"):
+        raise harness.ConfigError(f"--nad-recipe: {b.nad_recipe!r} is not one of released, shared")
     prep = prep or prepare(cfg)
+    cfg = dataclasses.replace(prep["cfg"], out=cfg.out)  # what a --backdoorbench record filled in
     t0 = time.time()
     device, x_l, y_l, evaluate = prep["device"], prep["x_l"], prep["y_l"], prep["evaluate"]
     out = Path(cfg.out)

@@ -37,7 +37,7 @@ from harness import (ARCHS, ATTACK_CHOICES, DATASETS, SSL_POOLS, SCHEDULES, Conf
                      RunState, autocast, bn_momentum, bn_reestimated, cosine, descend, ema_update, estimate_run,
                      frozen_bn_stats, hit_rate, measured, parse_config, predictions, results_table, run_cli,
                      save_atomic_text, sgd, start_line, supervised_forward, to_input, train_supervised, versions)
-from loading import load_model, prepare
+from loading import load_model, prepare, torchvision_backbone, write_defense_result
 
 Tensor = torch.Tensor
 
@@ -92,11 +92,12 @@ class Config:
     weight_decay: float = flag(5e-4, "SGD weight decay, all training")
     # the experiment: data, attack, the attacker's training of the backdoored model (BackdoorBench's recipe)
     dataset: str = flag("cifar10", "training and test data", choices=DATASETS)
-    arch: str = flag("preact18", "backbone: preact18, resnet50 or wrnD-K (wrn16-1 is the paper's)")
+    arch: str = flag("preact18", "backbone: preact18, resnet18, resnet50, wrnD-K (wrn16-1: the paper's), tv:NAME (torchvision's, e.g. tv:vgg19_bn)")
     attack: str = flag("badnets", "backdoor attack; patch: the --trigger PNG; none: with --model only, the pool is "
                                   "not poisoned (ASR from --backdoor-dir, if given)", choices=ATTACK_CHOICES)
     trigger: str = flag("", "--attack patch: a PNG with alpha of the input size; alpha marks and blends the trigger")
     poison_rate: float = flag(0.1, "share of the whole training set poisoned (BackdoorBench: 0.1)")
+    clean_label: bool = flag(False, "poison target-class images only, labels kept (a clean-label attack's pool)")
     target: int = flag(0, "all-to-one target class")
     clean_ratio: float = flag(0.05, "defender's clean labelled share of the training set (paper: 5%%)")
     pool_poison_share: float = flag(-1.0, "Table 3: a pool of fixed size with this share poisoned (-1: all the rest)")
@@ -119,6 +120,10 @@ class Config:
     clean_dir: str = flag("", "your clean labelled images: one sub-folder per class, sorted names = class indices")
     unlabeled_dir: str = flag("", "your unlabelled images for stage 2, any layout (labels ignored)")
     test_dir: str = flag("", "your labelled test images, same class folders, for ACC (and ASR of a rebuilt trigger)")
+    backdoorbench: str = flag("", "a BackdoorBench record folder (record/NAME): its model, data, poisoned pool and "
+                                  "bd_test; writes NAME/defense/ftt/ as its defences do (docs/your-model.md)")
+    clean_index: str = flag("", "with --backdoorbench: the clean subset's training-set indices, one per line "
+                                "(BackdoorBench's --index file)")
     # the run
     seed: int = flag(0, "seed of poisoning, splits, init and training")
     device: str = flag("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
@@ -219,7 +224,25 @@ class WideResNet(Backbone):
         self.head = classifier_head(c, num_classes, preact=True)
 
 
+class BasicBlock(nn.Module):
+    """ResNet's basic block (He et al. 2016): two 3x3 convs, the sum then ReLU."""
+
+    expansion = 1
+
+    def __init__(self, c_in: int, width: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c_in, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                                  nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width))
+        self.shortcut = (nn.Sequential(nn.Conv2d(c_in, width, 1, stride, bias=False), nn.BatchNorm2d(width))
+                         if stride != 1 or c_in != width else nn.Identity())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
 class Bottleneck(nn.Module):
+    expansion = 4
+
     def __init__(self, c_in: int, width: int, stride: int):
         super().__init__()
         c_out = 4 * width
@@ -234,17 +257,19 @@ class Bottleneck(nn.Module):
         return F.relu(self.body(x) + self.shortcut(x))
 
 
-class ResNet50(Backbone):
-    """ResNet-50 for 32 px inputs: 3x3 stem, no max-pool, bottleneck stages [3, 4, 6, 3]."""
+class ResNet(Backbone):
+    """ResNet for 32 px inputs (pytorch-cifar's): 3x3 stem, no max-pool; ResNet-18: basic blocks [2, 2, 2, 2],
+    ResNet-50: bottlenecks [3, 4, 6, 3]. torchvision's own ImageNet ResNets are --arch tv:resnet18 etc."""
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 100):
+    def __init__(self, block: type, counts: tuple[int, ...], in_channels: int = 3, num_classes: int = 100):
         super().__init__()
         self.normalize = nn.Identity()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
         c, stages = 64, []
-        for width, n, s in zip((64, 128, 256, 512), (3, 4, 6, 3), (1, 2, 2, 2)):
-            stages.append(nn.Sequential(*[Bottleneck(c if i == 0 else 4 * width, width, s if i == 0 else 1) for i in range(n)]))
-            c = 4 * width
+        for width, n, s in zip((64, 128, 256, 512), counts, (1, 2, 2, 2)):
+            stages.append(nn.Sequential(*[block(c if i == 0 else block.expansion * width, width, s if i == 0 else 1)
+                                          for i in range(n)]))
+            c = block.expansion * width
         self.stages = nn.ModuleList(stages)
         self.head = classifier_head(c, num_classes, preact=False)
 
@@ -255,8 +280,12 @@ def build_backbone(arch: str, in_channels: int, num_classes: int, head_bn: bool 
     if arch.startswith("wrn"):  # wrn16-1, wrn28-10, ...
         depth, width = arch[3:].split("-")
         return WideResNet(int(depth), int(width), in_channels, num_classes)
+    if arch == "resnet18":
+        return ResNet(BasicBlock, (2, 2, 2, 2), in_channels, num_classes)
     if arch == "resnet50":
-        return ResNet50(in_channels, num_classes)
+        return ResNet(Bottleneck, (3, 4, 6, 3), in_channels, num_classes)
+    if arch.startswith("tv:"):  # torchvision's own model, cut into stem / stages / head
+        return torchvision_backbone(arch[3:], in_channels, num_classes)
     raise ValueError(f"--arch: unknown backbone {arch!r}; choose from {', '.join(ARCHS)}")
 
 
@@ -306,6 +335,7 @@ class Branched(nn.Module):
             x = torch.zeros(1, *image_shape, device=next(backbone.parameters()).device)
             shapes = [f.shape[1:] for f in stage_outputs(backbone.eval(), x)]
         backbone.train(was_training)
+        self.deep_shape = tuple(shapes[-1])  # F_D's (C, H, W)
         steps = [(a[0], b[0], round(a[1] / b[1])) for a, b in zip(shapes[:-1], shapes[1:])]
         self.exits = nn.ModuleList(ExitBranch(steps[i:], num_classes) for i in range(len(shapes) - 1))
 
@@ -631,6 +661,10 @@ class PoolCheck:
         self.excess = class_excess(self.pred, y_labelled, k) if len(x_pool) else None
         self.suspect = int(self.excess.argmax()) if self.excess is not None else None
         self.visible = self.excess is not None and bool(self.excess[self.suspect] >= POOL_SIGNAL)
+        if cfg.clean_label and self.excess is not None:  # its poisoned images carry their own, true label
+            print("ftt: pool check: --clean-label: the attacker kept every label, so the backdoored model's pool "
+                  "shows no excess of the target class; the check has nothing to see and is not used", flush=True)
+            self.visible = False
 
     def after(self, stage: str, model: nn.Module, result: dict) -> bool:
         """result["pool"] for `model` after `stage`; True (and a warning line) when the backdoor survived; a
@@ -717,6 +751,9 @@ def sad_on_the_ladder(model: nn.Module, x_l: Tensor, y_l: Tensor, cfg: Config, c
     backdoored = copy.deepcopy(model.state_dict()) if len(ladder) > 1 else None
     layout = torch.channels_last if cfg.channels_last else torch.preserve_format
     net = Branched(model, tuple(x_l.shape[1:]), k).to(device, memory_format=layout)
+    if net.deep_shape[1:] == (1, 1):
+        print(f"ftt: F_D is {net.deep_shape[0]} x 1 x 1 at this input size: attention maps of one pixel, so eq. (5)'s "
+              f"AP term is 0 and SAD trains the exits' cross-entropy only", flush=True)
     if state and state.done("sad"):
         return net  # stage 2's resume state holds the weights
     tried = list(results.get("sad_tried", []))  # attempts the pool check failed (kept across --resume)
@@ -897,21 +934,21 @@ def training_steps(cfg: Config, arch: str, shape: tuple, k: int, device: torch.d
     model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
     net = Branched(model, shape, k).to(device)
     b, bu, ba = cfg.batch_size, cfg.mu * cfg.batch_size, cfg.attack_batch
-    x = torch.randint(0, 256, (max(bu, ba, 1024), *shape), dtype=torch.uint8, device=device)
+    x = torch.randint(0, 256, (max(bu, ba, 256), *shape), dtype=torch.uint8, device=device)
     y = torch.randint(0, k, (len(x),), device=device)
     w = exit_weights(len(net.exits) + 1)
     return {"attack": (model, lambda m: supervised_forward(m, random_crop_flip(x[:ba]), y[:ba], cfg, device)),
             "sad": (net, lambda m: sad_forward(m, weak_augment(x[:b]), y[:b], w, cfg, device)[0]),
             "ssl": (net, lambda m: ssl_forward(m, weak_augment(x[:b]), y[:b], weak_augment(x[:bu]),
                                                strong_augment(x[:bu]), w, cfg, device)[0]),
-            "eval": (model, x[:1024], y[:1024])}
+            "eval": (model, x[:256], y[:256])}  # images/s of evaluation from one batch of 256
 
 
 def main(cfg: Config) -> dict:
     """One run: results.json, log.jsonl, backdoored.pt (when trained here) and purified.pt in cfg.out."""
     t_start = time.time()
     p = prepare(cfg, build_backbone, make_trigger)
-    device, d, model, k, counts = p["device"], p["d"], p["model"], p["num_classes"], p["counts"]
+    cfg, device, d, model, k, counts = p["cfg"], p["device"], p["d"], p["model"], p["num_classes"], p["counts"]
     out, results, timings = Path(cfg.out), {}, {"data_s": p["data_s"]}
     state = RunState(out / "checkpoint.pt", cfg, results)
     out.mkdir(parents=True, exist_ok=True)
@@ -944,7 +981,11 @@ def main(cfg: Config) -> dict:
               "model": p["read"], "argv": sys.argv, **({"classes": d["classes"]} if "classes" in d else {})}
     save_atomic_text(json.dumps(report, indent=1), out / "results.json")
     (out / "checkpoint.pt").unlink(missing_ok=True)  # the run is finished; purified.pt is what remains
-    title = f"{cfg.attack} ({cfg.dataset if not cfg.clean_dir else 'your data'}, {cfg.arch})"
+    if cfg.backdoorbench:
+        print(f"wrote {write_defense_result(purified, p['read'], results[list(results)[-1]], cfg)}/defense_result.pt "
+              f"and ftt_df_summary.csv (BackdoorBench's format)")
+    title = (f"BackdoorBench record {Path(cfg.backdoorbench).name} ({cfg.dataset}, {cfg.arch})" if cfg.backdoorbench
+             else f"{cfg.attack} ({cfg.dataset if not cfg.clean_dir else 'your data'}, {cfg.arch})")
     print("\n" + results_table(title, results))
     print(f"\nwrote {out / 'purified.pt'} and {out / 'results.json'} ({timings['total_s'] / 60:.1f} min)")
     return report

@@ -31,7 +31,7 @@ Tensor = torch.Tensor
 # The choices of ftt.Config's flags (validate checks them also when main() is called without the CLI)
 DATASETS = ("cifar10", "cifar100", "fashion-mnist")
 ATTACK_CHOICES = attacks.ATTACKS + ("patch", "none")
-ARCHS = ("preact18", "wrn16-1", "resnet50")  # and any wrnD-K with D = 6n + 4
+ARCHS = ("preact18", "wrn16-1", "resnet18", "resnet50")  # and any wrnD-K with D = 6n + 4, and tv:NAME
 SSL_POOLS = ("all", "drop-suspect")
 
 
@@ -73,7 +73,7 @@ def to_input(x: Tensor, channels_last: bool = True) -> Tensor:
 
 def known_arch(arch: str) -> bool:
     m = re.fullmatch(r"wrn(\d+)-(\d+)", arch)
-    return arch in ARCHS or bool(m and (int(m[1]) - 4) % 6 == 0)
+    return arch in ARCHS or bool(m and (int(m[1]) - 4) % 6 == 0) or bool(re.fullmatch(r"tv:\w+", arch))
 
 
 def validate(cfg) -> None:
@@ -82,7 +82,7 @@ def validate(cfg) -> None:
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed and not (name == "arch" and known_arch(cfg.arch)):
             raise ConfigError(f"--{name}: {getattr(cfg, name)!r} is not one of {', '.join(allowed)}"
-                              + (" or wrnD-K with D = 6n + 4" if name == "arch" else ""))
+                              + (", wrnD-K with D = 6n + 4 or tv:NAME (torchvision)" if name == "arch" else ""))
     for name, lo, hi in (("poison_rate", 0, 1), ("clean_ratio", 0, 1)):
         if not lo < getattr(cfg, name) < hi:
             raise ConfigError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} must lie in ({lo}, {hi})")
@@ -115,6 +115,10 @@ def validate(cfg) -> None:
     if cfg.reference_model and cfg.attack not in attacks.FITTED:
         raise ConfigError(f"--reference-model: {cfg.attack} uses no reference model; only "
                           f"{', '.join(attacks.FITTED)} are fitted on one")
+    for name in ("clean_index",):
+        path = getattr(cfg, name, "")
+        if path and not Path(path).is_file():
+            raise ConfigError(f"--{name.replace('_', '-')}: {path} is not a readable file")
     for name in ("clean_dir", "unlabeled_dir", "test_dir"):
         path = getattr(cfg, name)
         if path and not Path(path).is_dir():
@@ -126,6 +130,10 @@ def validate(cfg) -> None:
     if cfg.clean_dir and cfg.attack in attacks.FITTED:
         raise ConfigError(f"--attack: {cfg.attack} is fitted to the attacker's own model, so its ASR cannot be measured "
                           f"on your data; with --clean-dir use badnets, blended, wanet or none")
+    if getattr(cfg, "clean_index", "") and not cfg.backdoorbench:
+        raise ConfigError("--clean-index: only with --backdoorbench (a --dataset run draws its clean subset by --seed)")
+    if getattr(cfg, "clean_label", False) and cfg.attack not in ("badnets", "blended", "patch"):
+        raise ConfigError(f"--clean-label: poisons with a fixed trigger (badnets, blended, patch), not {cfg.attack}")
     if cfg.attack == "none" and not cfg.model:
         raise ConfigError("--attack: none needs --model, the model to purify (there is no attack to backdoor one with)")
     if cfg.attack == "patch" and not cfg.trigger:
@@ -180,6 +188,13 @@ def burst_decay(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_
     """NAD's released schedule (utils/util.py, adjust_learning_rate): lr 0.1 for 2 of its 20 epochs, then 0.01.
     Here: the full lr for the first 10% of the steps, then a tenth of it."""
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < round(0.1 * total_steps) else 0.1)
+
+
+def nad_released(epochs_full: int = 2):
+    """NAD's adjust_learning_rate counted in epochs, not shares: the full lr for its first 2 epochs, then a tenth
+    (0.1 -> 0.01). -> schedule(opt, total_steps, steps_per_epoch)."""
+    return lambda opt, total_steps, steps_per_epoch: torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 1.0 if s < epochs_full * steps_per_epoch else 0.1)
 
 
 SCHEDULES = {"cosine": cosine, "step": step_decay, "nad": burst_decay}
@@ -480,11 +495,11 @@ def supervised_forward(model: nn.Module, xb: Tensor, yb: Tensor, cfg, device: to
 
 def train_supervised(model: nn.Module, epoch_data, epochs: int, lr: float, batch: int, cfg,
                      device: torch.device, stage: str, log: RunLog, augment: bool = True,
-                     state: RunState | None = None, schedule=cosine) -> None:
+                     state: RunState | None = None, schedule=cosine, nesterov: bool = False) -> None:
     """Plain cross-entropy training with crop + flip. epoch_data(epoch) -> (x uint8, y) for that epoch:
     ATTEQ-NN alternates poisoned and benign epochs."""
     n = len(epoch_data(0)[0])
-    opt = sgd(model.parameters(), lr, cfg)
+    opt = sgd(model.parameters(), lr, cfg, nesterov)
     sched = schedule(opt, epochs * math.ceil(n / batch))
     start, _ = state.restore(stage, model, opt, sched) if state else (1, {})
     log.begin(stage, epochs, n, start)

@@ -80,6 +80,114 @@ def normalization(spec: str, channels: int | None = None) -> tuple[tuple[float, 
 
 
 # ================================================================================================
+# --arch tv:NAME: torchvision's own model, cut into stem / stages / head (ftt.stage_outputs' interface), so
+# the exits attach after its stages and its state_dict keys stay torchvision's
+# ================================================================================================
+
+# family -> (trunk: its modules in forward order, how many of them form the stem, head: what follows the trunk).
+# Each is what torchvision's forward does, written as modules (mobilenet_v2 and densenet pool in their forward).
+TV_FAMILIES = {
+    "resnet": (lambda m: [m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4], 4,
+               lambda m: [m.avgpool, nn.Flatten(1), m.fc]),
+    "vgg": (lambda m: list(m.features), 0, lambda m: [m.avgpool, nn.Flatten(1), *m.classifier]),
+    "mobilenet_v2": (lambda m: list(m.features), 1, lambda m: [nn.AdaptiveAvgPool2d(1), nn.Flatten(1), *m.classifier]),
+    "mobilenet_v3": (lambda m: list(m.features), 1, lambda m: [m.avgpool, nn.Flatten(1), *m.classifier]),
+    "efficientnet": (lambda m: list(m.features), 1, lambda m: [m.avgpool, nn.Flatten(1), *m.classifier]),
+    "densenet": (lambda m: list(m.features), 4,
+                 lambda m: [nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), m.classifier]),
+    "convnext": (lambda m: list(m.features), 1, lambda m: [m.avgpool, *m.classifier]),
+}
+TV_TOKENS = ("vit_", "swin_", "maxvit_")  # transformers: their features are tokens, not (C, H, W) maps
+
+
+def tv_family(name: str) -> str:
+    """torchvision model name -> TV_FAMILIES key (resnext and wide_resnet are ResNets)."""
+    if name.startswith(TV_TOKENS):
+        raise ConfigError(f"--arch tv:{name}: a transformer; its exits would need a token form of the attention "
+                          f"maps of eq. (2)-(4), not built yet")
+    for family in TV_FAMILIES:
+        if name.startswith(family):
+            return family
+    if name.startswith(("resnext", "wide_resnet")):
+        return "resnet"
+    raise ConfigError(f"--arch tv:{name}: where its stages end is not known here; cut families: "
+                      f"{', '.join(TV_FAMILIES)} (and resnext, wide_resnet)")
+
+
+def group_by_resolution(modules: list[nn.Module], x: Tensor) -> list[list[nn.Module]]:
+    """Split a trunk into stages: a module with parameters that lowers the resolution (a strided conv or
+    block) opens a new stage; one without (a pooling) closes the stage it ends, as VGG's max-pools do."""
+    stages, closed = [], False
+    for mod in modules:
+        size = x.shape[-1]
+        x = mod(x)
+        lowered, pooling = x.shape[-1] < size, not any(True for _ in mod.parameters())
+        if not stages or closed or (lowered and not pooling):
+            stages.append([mod])
+        else:
+            stages[-1].append(mod)
+        closed = lowered and pooling
+    return stages
+
+
+class TorchvisionBackbone(nn.Module):
+    """torchvision.models.get_model(name) as .stem, .stages, .head (the very same modules). `tv_keys` maps this
+    module's state_dict keys to torchvision's, the "torchvision" layout of --model and export_layout."""
+
+    def __init__(self, name: str, num_classes: int):
+        super().__init__()
+        family = tv_family(name)
+        try:
+            tv = torchvision.models.get_model(name, num_classes=num_classes)
+        except ValueError:
+            raise ConfigError(f"--arch tv:{name}: torchvision {torchvision.__version__} has no model of that name") from None
+        trunk, n_stem, head = TV_FAMILIES[family]
+        modules = trunk(tv)
+        self.normalize = nn.Identity()
+        self.stem = nn.Sequential(*modules[:n_stem])
+        tv.eval()
+        with torch.no_grad():  # 64 px: every halving of the input shows as its own resolution
+            stages = group_by_resolution(modules[n_stem:], self.stem(torch.zeros(1, 3, 64, 64)))
+            self.stages = nn.ModuleList(nn.Sequential(*s) for s in stages)
+            self.head = nn.Sequential(*head(tv))
+            x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+            if not torch.allclose(self.head(self._trunk(x)), tv(x), atol=1e-4):
+                raise ConfigError(f"--arch tv:{name}: the cut into stem / stages / head does not reproduce "
+                                  f"torchvision's forward; not built")
+        where = {id(m): n for n, m in tv.named_modules()}
+        self.tv_keys = {}
+        for k in self.state_dict():
+            path, _, leaf = k.rpartition(".")
+            self.tv_keys[k] = f"{where[id(self.get_submodule(path))]}.{leaf}".lstrip(".")
+        assert sorted(self.tv_keys.values()) == sorted(tv.state_dict()), name  # every tensor, once
+
+    def _trunk(self, x: Tensor) -> Tensor:
+        h = self.stem(x)
+        for stage in self.stages:
+            h = stage(h)
+        return h
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self._trunk(self.normalize(x)))
+
+
+def check_tv_arch(arch: str) -> None:
+    """--arch tv:NAME is refused (one ConfigError line) before any data is read when it cannot be built here."""
+    if arch.startswith("tv:"):
+        tv_family(arch[3:])
+        if arch[3:] not in torchvision.models.list_models(module=torchvision.models):
+            raise ConfigError(f"--arch {arch}: torchvision {torchvision.__version__} has no classification model "
+                              f"of that name")
+
+
+def torchvision_backbone(name: str, in_channels: int, num_classes: int) -> TorchvisionBackbone:
+    """--arch tv:NAME, built as BackdoorBench builds it: get_model(NAME, num_classes=K), no weights."""
+    if in_channels != 3:
+        raise ConfigError(f"--arch tv:{name}: torchvision's models take 3-channel images, these have {in_channels}")
+    return TorchvisionBackbone(name, num_classes)
+
+
+# ================================================================================================
 # Checkpoints from elsewhere (--model): wrappers, prefixes, and the key layouts of published CIFAR code
 # ================================================================================================
 
@@ -117,18 +225,24 @@ LAYOUTS = {
     "preact-resnet": Layout("pytorch-cifar's PreActResNet18, as in BackdoorBench and WaNet", r"preact18", (
         (r"^stem\.", "conv1."), (r"^stages\.(\d+)\.", group("layer{}.")), (r"\.shortcut\.weight$", ".shortcut.0.weight"),
         (r"^head\.bn\.", "bn."), (r"^head\.fc\.", "linear."))),
-    "resnet-cifar": Layout("pytorch-cifar's ResNet50 (3x3 stem)", r"resnet50", RESNET_RULES + ((r"^head\.fc\.", "linear."),)),
+    "resnet-cifar": Layout("pytorch-cifar's ResNet (3x3 stem), as in backdoor-toolbox", r"resnet(18|50)",
+                           RESNET_RULES + ((r"^head\.fc\.", "linear."),)),
     # the same CIFAR ResNet-50 with torchvision's names (downsample, fc); torchvision's own ImageNet ResNet-50 has
     # a 7x7 stem and a max-pool, and fails the shape check at conv1.weight
-    "resnet-torchvision-names": Layout("a CIFAR ResNet-50 with torchvision's key names", r"resnet50",
+    "resnet-torchvision-names": Layout("a CIFAR ResNet with torchvision's key names", r"resnet(18|50)",
                                        RESNET_RULES + ((r"\.shortcut\.", ".downsample."), (r"^head\.fc\.", "fc."))),
+    # --arch tv:NAME: torchvision's own names, as its constructors (and BackdoorBench) save them
+    "torchvision": Layout("torchvision.models, as in BackdoorBench", r"tv:.+"),
 }
-WRAPPERS = ("state_dict", "model", "net")  # {"state_dict": ...} etc., as training scripts save them
+# {"state_dict": ...} etc., as training scripts save them (model_state_dict: PyTorch's tutorials; net_state_dict: MEDIC)
+WRAPPERS = ("state_dict", "model", "net", "model_state_dict", "net_state_dict")
 PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
 
 
 def layout_keys(model: nn.Module, layout: str) -> dict[str, str]:
     """Our backbone's state_dict keys -> the names `layout` gives them (the map that --model inverts)."""
+    if layout == "torchvision":
+        return dict(model.tv_keys)
     rules = LAYOUTS[layout].rules
     last = len(model.head) - 1
     out = {}
@@ -164,17 +278,45 @@ def unwrap_state(obj, flag: str, path) -> tuple[dict[str, Tensor], dict]:
     return obj, how
 
 
+def numpy_globals() -> list[tuple]:
+    """The only globals a checkpoint may name besides torch's own: numpy's array and scalar rebuilders, under
+    numpy 1.x's and 2.x's module names (a BackdoorBench record stores its index arrays as numpy arrays)."""
+    import numpy as np
+    core = getattr(np, "_core", None) or np.core
+    names = [(core.multiarray._reconstruct, f"numpy.{m}.multiarray._reconstruct") for m in ("core", "_core")]
+    names += [(core.multiarray.scalar, f"numpy.{m}.multiarray.scalar") for m in ("core", "_core")]
+    names += [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
+    if hasattr(np, "dtypes"):  # numpy >= 1.25 builds each dtype as an instance of its own class (Int64DType, ...)
+        names += [(type(np.dtype(c)), f"numpy.dtypes.{type(np.dtype(c)).__name__}") for c in "?bBhHiIlLqQefdFD"]
+    return names
+
+
+def safe_load(path: str | Path, flag: str):
+    """torch.load(weights_only=True) with numpy_globals() allowed and nothing else: a file that names any other
+    global (a class, a function: code that would run) is refused by name, one ConfigError line, before loading."""
+    allowed = {name for _, name in numpy_globals()}
+    try:
+        other = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed)
+    except Exception:  # not a zip checkpoint (torch < 1.6's format, or not torch's): torch.load below decides
+        other = []
+    if other:
+        raise ConfigError(f"{flag}: {path} needs {', '.join(other[:4])}{' ...' if len(other) > 4 else ''} to load; "
+                          f"refused without running anything in it (only tensors and numpy arrays are read)")
+    try:
+        with torch.serialization.safe_globals(numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"{flag}: {path} is not a plain tensor checkpoint ({type(e).__name__}); refused without "
+                          f"running anything in it") from None
+
+
 def load_model(path: str | Path, build, arch: str, in_channels: int, num_classes: int,
                flag: str = "--model") -> tuple[nn.Module, dict]:
     """Build --arch (build(arch, in_channels, num_classes, head_bn): ftt.build_backbone) and load a checkpoint
     into it, never running code: torch.load(weights_only=True) refuses pickled objects. Reads any of WRAPPERS
     and PREFIXES and any of LAYOUTS that matches --arch key for key; anything else is one ConfigError line
     naming `flag`. -> (model, what was read)."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError for code, others for a corrupt file
-        raise ConfigError(f"{flag}: {path} is not a plain tensor state_dict ({type(e).__name__}); "
-                          f"refused without running anything in it") from None
+    obj = safe_load(path, flag)
     state, how = unwrap_state(obj, flag, path)
     variants = (True, False) if arch == "preact18" else (True,)  # with and without the head's BatchNorm
     tried = []
@@ -409,7 +551,7 @@ def benchmark_data(cfg, device: torch.device, make_trigger) -> dict:
     else:
         trigger, noise, how = make_trigger(cfg, x_train, y_train, k, device)
         ps = attacks.poison(x_train, y_train, trigger, cfg.poison_rate, cfg.target, cfg.seed, noise,
-                            cross_ratio=2.0 if noise is not None else 0.0)
+                            cross_ratio=2.0 if noise is not None else 0.0, clean_label=cfg.clean_label)
     clean_idx, unl_idx = attacks.defender_split(len(x_train), torch.cat([ps.poison_idx, ps.noise_idx]),
                                                 cfg.clean_ratio, cfg.seed)
     if cfg.pool_poison_share >= 0:
@@ -454,8 +596,12 @@ def own_data(cfg, make_trigger) -> dict:
 
 
 def load_data(cfg, device: torch.device, make_trigger) -> dict:
-    """--dataset or your folders, then --backdoor-dir's images (labelled --target) as the ASR set."""
-    d = own_data(cfg, make_trigger) if cfg.clean_dir else benchmark_data(cfg, device, make_trigger)
+    """--dataset, your folders or a --backdoorbench record, then --backdoor-dir's images (labelled --target) as
+    the ASR set."""
+    if getattr(cfg, "backdoorbench", ""):
+        d = backdoorbench_data(cfg)
+    else:
+        d = own_data(cfg, make_trigger) if cfg.clean_dir else benchmark_data(cfg, device, make_trigger)
     if cfg.backdoor_dir:
         x_bd = load_unlabeled_folder(cfg.backdoor_dir, "--backdoor-dir")
         if x_bd.shape[1:] != d["x_l"].shape[1:]:
@@ -469,11 +615,160 @@ def load_data(cfg, device: torch.device, make_trigger) -> dict:
     return d
 
 
+# ================================================================================================
+# --backdoorbench RECORD_DIR: a BackdoorBench record (record/<name>/attack_result.pt and its PNG folders), read
+# as its utils/save_load_attack.py and utils/bd_dataset_v2.py write it; defense/ftt/ written as its defences do
+# ================================================================================================
+
+BB_DATASETS = ("cifar10", "cifar100")  # its clean_data names that have a reader here; its normalisation = our presets
+BB_OWN_ARCHS = {"preactresnet18": "preact18"}  # its models/preact_resnet.py; the rest are torchvision's constructors
+
+
+def bb_arch(model_name: str) -> str:
+    """A record's model_name -> --arch: preact18, or tv:NAME where torchvision builds it and its stages are known."""
+    if model_name in BB_OWN_ARCHS:
+        return BB_OWN_ARCHS[model_name]
+    if model_name in torchvision.models.list_models(module=torchvision.models):
+        try:
+            tv_family(model_name)
+            return f"tv:{model_name}"
+        except ConfigError as e:
+            raise ConfigError(f"--backdoorbench: model_name {model_name}: {str(e).split(': ', 1)[1]}") from None
+    raise ConfigError(f"--backdoorbench: model_name {model_name!r} is BackdoorBench's own code, not built here "
+                      f"(built: preactresnet18 and torchvision's resnet, vgg, densenet, mobilenet, efficientnet, convnext)")
+
+
+def read_record(record_dir: str | Path) -> dict:
+    """RECORD_DIR/attack_result.pt, loaded with only numpy's array globals allowed (safe_load), its keys checked."""
+    path = Path(record_dir) / "attack_result.pt"
+    if not path.is_file():
+        raise ConfigError(f"--backdoorbench: {path} not found (give the record folder, record/<attack name>)")
+    rec = safe_load(path, "--backdoorbench")
+    need = ("model_name", "num_classes", "model", "img_size", "clean_data", "bd_test")
+    if not isinstance(rec, dict) or any(k not in rec for k in need):
+        raise ConfigError(f"--backdoorbench: {path} lacks {[k for k in need if k not in rec]} of a BackdoorBench "
+                          f"v2 attack_result.pt")
+    return rec
+
+
+def with_backdoorbench(cfg):
+    """cfg with what the record decides filled in: --model (the record; its state_dict is under "model"), --arch
+    from model_name, --dataset from clean_data, BackdoorBench's --normalize for it, --attack none (we poison
+    nothing: its own poisoned images are read). Anything else is refused in one line."""
+    import dataclasses
+    if not getattr(cfg, "backdoorbench", ""):
+        return cfg
+    rec = read_record(cfg.backdoorbench)
+    if rec["clean_data"] not in BB_DATASETS:
+        raise ConfigError(f"--backdoorbench: clean_data {rec['clean_data']!r} has no reader here ({', '.join(BB_DATASETS)})")
+    if cfg.train_size or cfg.clean_dir or cfg.unlabeled_dir:
+        raise ConfigError("--backdoorbench: the record fixes the data: drop --train-size and the --*-dir flags")
+    return dataclasses.replace(cfg, model=str(Path(cfg.backdoorbench) / "attack_result.pt"), arch=bb_arch(rec["model_name"]),
+                               dataset=rec["clean_data"], normalize=rec["clean_data"], attack="none")
+
+
+def record_images(state: dict, record_dir: Path, which: str, x_clean: Tensor, y_clean: Tensor,
+                  subset: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A prepro_cls_DatasetBD_v2 state -> (indices, images, labels, original labels). Poisoned samples are the
+    PNGs of its container (the stored path, or the same last three parts under record_dir when that path does
+    not exist); clean ones, where subset keeps them, are the dataset's own. subset: the state's original_index_array
+    (bd_test); else every poisoned index (bd_train)."""
+    box = state["bd_data_container"]
+    if box.get("save_folder_path") is None:
+        raise ConfigError(f"--backdoorbench: {which} keeps its images in the pickle (no save_folder_path); "
+                          f"only records with PNG folders are read")
+    poisoned = {int(i) for i in (state["poison_indicator"] == 1).nonzero()[0]}
+    order = [int(i) for i in state["original_index_array"]] if subset else sorted(poisoned)
+    entries = {int(k): v for k, v in box["data_dict"].items()}
+    paths, bd, orig = [], [], []
+    for i in order:
+        if i in poisoned:
+            p = Path(entries[i]["path"])
+            if not p.exists():
+                p = record_dir.joinpath(*p.parts[-3:])
+            paths.append(str(p))
+            bd.append(int(entries[i]["other_info"][0]))
+            orig.append(int(entries[i]["other_info"][1]))
+    idx = torch.tensor(order, dtype=torch.long)
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise DataError(f"--backdoorbench: {which}: {len(missing)} of {len(paths)} PNGs missing, e.g. {missing[0]}")
+    images, labels, original = x_clean[idx].clone(), y_clean[idx].clone(), y_clean[idx].clone()
+    is_p = torch.tensor([i in poisoned for i in order], dtype=torch.bool)
+    if paths:
+        images[is_p] = read_images(paths, f"--backdoorbench {which}")
+        labels[is_p], original[is_p] = torch.tensor(bd), torch.tensor(orig)
+    return idx, images, labels, original
+
+
+def backdoorbench_data(cfg) -> dict:
+    """The record's experiment as the defender sees it: the clean subset (--clean-index, else --clean-ratio of
+    the images bd_train left clean), the pool (the training set with bd_train's poisoned images at their
+    indices, labels dropped), the test set, and bd_test as the ASR set with RA from its original labels."""
+    import numpy as np
+    rec, root = read_record(cfg.backdoorbench), Path(cfg.backdoorbench)
+    data = load_dataset(rec["clean_data"], cfg.data_root)
+    (x_train, y_train), (x_test, y_test) = data["train"], data["test"]
+    h, w, c = (list(rec["img_size"]) + [3])[:3]
+    if (c, h, w) != tuple(x_train.shape[1:]):
+        raise ConfigError(f"--backdoorbench: img_size {rec['img_size']} differs from {rec['clean_data']}'s "
+                          f"{tuple(x_train.shape[1:])} (C, H, W); resized records are not read")
+    pool, poisoned = x_train.clone(), torch.empty(0, dtype=torch.long)
+    if rec.get("bd_train") is not None:
+        poisoned, images, _, _ = record_images(rec["bd_train"], root, "bd_train", x_train, y_train, subset=False)
+        pool[poisoned] = images
+    else:
+        print("ftt: --backdoorbench: the record has no bd_train: the pool is the clean training set", flush=True)
+    bd_idx, x_bd, y_bd, y_bd_true = record_images(rec["bd_test"], root, "bd_test", x_test, y_test, subset=True)
+    if cfg.test_size:  # the first N test images, and the triggered versions of those only
+        first = bd_idx < cfg.test_size
+        x_test, y_test, x_bd, y_bd, y_bd_true = (x_test[:cfg.test_size], y_test[:cfg.test_size], x_bd[first],
+                                                 y_bd[first], y_bd_true[first])
+    if cfg.clean_index:
+        clean_idx = torch.as_tensor(np.loadtxt(cfg.clean_index, dtype=np.int64).reshape(-1))
+        if len(clean_idx) == 0 or clean_idx.min() < 0 or clean_idx.max() >= len(x_train):
+            raise ConfigError(f"--clean-index: {cfg.clean_index} must list indices in [0, {len(x_train)})")
+        rest = torch.ones(len(x_train), dtype=torch.bool)
+        rest[clean_idx] = False
+        unl_idx = rest.nonzero().flatten()
+    else:
+        clean_idx, unl_idx = attacks.defender_split(len(x_train), poisoned, cfg.clean_ratio, cfg.seed)
+    targets = torch.bincount(y_bd).argmax().item() if len(y_bd) else -1
+    print(f"ftt: BackdoorBench record {root} | {rec['model_name']} on {rec['clean_data']} | {len(poisoned)} poisoned "
+          f"training images | bd_test {len(x_bd)} images (target {targets}) | clean subset {len(clean_idx)} | "
+          f"unlabelled pool {len(unl_idx)}", flush=True)
+    return {"num_classes": int(rec["num_classes"]), "x_l": x_train[clean_idx], "y_l": y_train[clean_idx],
+            "x_u": pool[unl_idx], "x_test": x_test, "y_test": y_test, "x_bd": x_bd, "y_bd": y_bd, "y_bd_true": y_bd_true,
+            "trigger": {"attack": "backdoorbench", "record": str(root), "model_name": rec["model_name"],
+                        "target": targets, "asr_images": len(x_bd)},
+            "counts": {"train": len(x_train), "test": len(x_test), "poisoned": len(poisoned), "clean": len(clean_idx),
+                       "unlabelled": len(unl_idx), "backdoor_test": len(x_bd)}}
+
+
+def write_defense_result(model: nn.Module, read: dict, results: dict, cfg) -> Path:
+    """RECORD_DIR/defense/ftt/: defense_result.pt as save_defense_result writes it ({model_name, num_classes,
+    model: the state_dict in the record's own key names}) and ftt_df_summary.csv (test_acc, test_asr, test_ra as
+    fractions, BackdoorBench's metric names), so its analysis scripts read FTT like any of its defences."""
+    rec = read_record(cfg.backdoorbench)
+    out = Path(cfg.backdoorbench) / "defense" / "ftt"
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in export_layout(model, read["layout"]).items()}
+    torch.save({"model_name": rec["model_name"], "num_classes": int(rec["num_classes"]), "model": state},
+               out / "defense_result.pt")
+    frac = lambda v: "" if v is None else f"{v / 100:.6f}"
+    (out / "ftt_df_summary.csv").write_text(",test_acc,test_asr,test_ra\n"
+                                            f"0,{frac(results.get('acc'))},{frac(results.get('asr'))},{frac(results.get('ra'))}\n")
+    return out
+
+
 def prepare(cfg, build, make_trigger) -> dict:
     """What ftt.main and every baseline share, made once: the flags checked, the device, the data (read,
     poisoned, split: the same for the same flags and seed), on the device as uint8, the evaluation, and the
-    model to purify (--model, or a fresh backbone from build for the attacker to train), on the device."""
+    model to purify (--model, or a fresh backbone from build for the attacker to train), on the device.
+    p["cfg"] is the configuration in effect (a --backdoorbench record fills in --model, --arch, --dataset)."""
+    cfg = with_backdoorbench(cfg)
     validate(cfg)
+    check_tv_arch(cfg.arch)
     normalization(cfg.normalize)  # its syntax; the channel count is checked once the data is read
     t0 = time.time()
     device = pick_device(cfg.device)
@@ -491,7 +786,7 @@ def prepare(cfg, build, make_trigger) -> dict:
         model = model.to(memory_format=torch.channels_last)
     if read:
         print(model_line(cfg, read), flush=True)
-    return {"device": device, "d": d, "x_l": x_l, "y_l": y_l, "x_u": x_u, "evaluate": evaluate, "model": model,
+    return {"cfg": cfg, "device": device, "d": d, "x_l": x_l, "y_l": y_l, "x_u": x_u, "evaluate": evaluate, "model": model,
             "read": read, "num_classes": d["num_classes"], "shape": tuple(x_l.shape[1:]), "data_s": time.time() - t0,
             "counts": {**d["counts"], "train": len(d.get("x_poisoned", ())), "clean": len(x_l),
                        "unlabelled": len(x_u), "test": len(x_te), "backdoor_test": len(x_bd)}}

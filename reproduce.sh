@@ -21,6 +21,8 @@
 #             models, chosen on held-out clean images and the pool check (issue 22)
 #   third-party-table  released backdoored models (THIRD_PARTY=DIR) purified by FTT, FT and NAD at their defaults,
 #             with the clean model's ASR on each trigger (the floor); evaluation only, never for choosing
+#   third-party-before  every released model (THIRD_PARTY=DIR) read through --model with its trigger and
+#             normalisation, evaluated before any defence, against the figures its README lists (issue 23)
 #   third-party   docs/your-model.md walk-through: a published-style WRN-16-1 (WideResNet-pytorch keys, DataParallel prefix,
 #             normalised inputs, 3x3 grid trigger), made here, purified by one ftt.py command (CIFAR-10 in DATA_ROOT)
 #   cifar10-subset DIR [N_TRAIN N_TEST]  the first N_TRAIN/5 images of each CIFAR-10 training batch and the first
@@ -416,15 +418,21 @@ PY
       [argd]="argd_wrn16-1_centergrid_t0.pth.tar|grid_center.png|0|0.2|"
       [medic-badnet]="medic_badnet_wrn16-1_grid_t5.pth.tar|grid_br.png|5|0.1|"
       [medic-adaptive2]="medic_adaptive2_wrn16-1_t0.pth.tar|adaptive2_topleft.png|0|0.05|$c10")
-    models=${MODELS:-nad abl argd medic-badnet medic-adaptive2}; CELLS=$((5 * $(echo $models | wc -w)))
+    # METHODS: which cells of each row, in this order (e.g. "floor ft nad" first, the long ftt cells later)
+    models=${MODELS:-nad abl argd medic-badnet medic-adaptive2}; methods=${METHODS:-floor ftt ft nad}
+    CELLS=$(($(echo $methods | wc -w) * $(echo $models | wc -w)))
     for m in $models; do
       IFS='|' read -r file png target rate norm <<< "${spec[$m]}"
       flags=(--dataset cifar10 --data-root "${DATA_ROOT:-./data}" --arch wrn16-1 --attack patch --trigger "$trig/$png"
              --target "$target" --poison-rate "$rate" --quiet)
       given=(--model "$tp/$file"); [ -n "$norm" ] && given+=(--normalize "$norm")
-      cell "$dir/$m/floor" ftt.py "${flags[@]}" --model "$tp/nad_wrn16-1_clean.pth.tar" --sad-epochs 0 --ssl-epochs 0
-      cell "$dir/$m/ftt" ftt.py "${flags[@]}" "${given[@]}" "$@"
-      for b in ft nad; do cell "$dir/$m/$b" baselines.py --method "$b" "${flags[@]}" "${given[@]}" "$@"; done
+      for c in $methods; do
+        case $c in
+          floor) cell "$dir/$m/floor" ftt.py "${flags[@]}" --model "$tp/nad_wrn16-1_clean.pth.tar" --sad-epochs 0 --ssl-epochs 0 ;;
+          ftt) cell "$dir/$m/ftt" ftt.py "${flags[@]}" "${given[@]}" "$@" ;;
+          ft|nad) cell "$dir/$m/$c" baselines.py --method "$c" "${flags[@]}" "${given[@]}" "$@" ;;
+        esac
+      done
     done
     python3 - "$dir" $models <<'PY' | tee "$dir/table.md"
 import json, os, sys
@@ -445,12 +453,58 @@ for m in models:
           f"{'-' if floor is None else format(floor['results']['before']['asr'], '.2f')} |")
 PY
     ;;
+  third-party-before)
+    # issue 23: each released model through --model exactly as a user gives it (its trigger PNG, target,
+    # normalisation), no stage run (--sad-epochs 0 --ssl-epochs 0): ACC on the 10,000 test images and ASR,
+    # beside what THIRD_PARTY's README lists as read. Warp, reflection and composite: no patch trigger, ACC only.
+    [ -n "${THIRD_PARTY:-}" ] || { echo "THIRD_PARTY=DIR: the folder holding the released models and triggers/"; exit 2; }
+    dir="$RUNS/third-party-before"; tp=$THIRD_PARTY; trig="$tp/triggers"
+    c10=0.4914,0.4822,0.4465,0.2023,0.1994,0.2010
+    declare -A spec=(  # file | trigger (none: --attack none) | target | --normalize | README's ACC / ASR
+      [nad]="nad_wrn16-1_grid_t5.pt|grid_br.png|5||84.80 / 100.00" [abl]="abl_wrn16-1_grid_t0.tar|grid_br.png|0||83.36 / 99.99"
+      [argd]="argd_wrn16-1_centergrid_t0.pth.tar|grid_center.png|0||81.36 / 99.91"
+      [medic-badnet]="medic_badnet_wrn16-1_grid_t5.pth.tar|grid_br.png|5||88.93 / 99.96"
+      [medic-cleanlabel]="medic_cleanlabel_wrn16-1_grid_t5.pth.tar|grid_br.png|5||88.48 / 100.00"
+      [medic-sig]="medic_sig_wrn16-1_t5.pth.tar|sig_blend02.png|5||86.92 / 94.51"
+      [medic-adaptive2]="medic_adaptive2_wrn16-1_t0.pth.tar|adaptive2_topleft.png|0|$c10|85.91 / 98.60"
+      [medic-warp]="medic_warp_wrn16-1_t0.pth.tar|none|0||86.21 / - (claimed)" [medic-reflection]="medic_reflection_wrn16-1_t5.pth.tar|none|5||84.29 / - (claimed)"
+      [medic-composite]="medic_composite_wrn16-1_t2.pth|none|2||79.3 / - (claimed)" [nad-clean]="nad_wrn16-1_clean.pth.tar|grid_br.png|5||84.39 / 2.80")
+    models=${MODELS:-nad abl argd medic-badnet medic-cleanlabel medic-sig medic-adaptive2 medic-warp medic-reflection medic-composite nad-clean}
+    CELLS=$(echo $models | wc -w)
+    for m in $models; do
+      IFS='|' read -r file png target norm _ <<< "${spec[$m]}"
+      flags=(--dataset cifar10 --data-root "${DATA_ROOT:-./data}" --arch wrn16-1 --model "$tp/$file" --target "$target"
+             --sad-epochs 0 --ssl-epochs 0 --quiet)
+      if [ "$png" = none ]; then flags+=(--attack none); else flags+=(--attack patch --trigger "$trig/$png"); fi
+      [ -n "$norm" ] && flags+=(--normalize "$norm")
+      cell "$dir/$m" ftt.py "${flags[@]}" "$@"
+    done
+    # I-BAU's small VGG is no WRN: the one line --model gives for it
+    vgg=$(python3 ftt.py --dataset cifar10 --data-root "${DATA_ROOT:-./data}" --arch wrn16-1 --attack none \
+          --model "$tp/ibau_badnets_smallvgg_t8.pth" --out "$dir/ibau" 2>&1 >/dev/null | tail -1 || true)
+    python3 - "$dir" "$vgg" $models <<PY | tee "$dir/table.md"
+import json, os, sys
+d, vgg, models = sys.argv[1], sys.argv[2], sys.argv[3:]
+readme = {$(for m in $models; do IFS='|' read -r _ _ _ _ want <<< "${spec[$m]}"; printf '"%s": "%s", ' "$m" "$want"; done)}
+print("\nThird-party models before any defence (./reproduce.sh third-party-before): ACC on the 10,000 test images / "
+      "ASR on the triggered non-target ones, in %\n")
+print("| model | read here | its README | seconds |\n|---|---|---|---|")
+for m in models:
+    p = os.path.join(d, m, "results.json")
+    if not os.path.exists(p):
+        print(f"| {m} | not run | {readme[m]} | |"); continue
+    r = json.load(open(p)); b = r["results"]["before"]
+    asr = "-" if b.get("asr") is None else f"{b['asr']:.2f}"
+    print(f"| {m} | {b['acc']:.2f} / {asr} | {readme[m]} | {r['timings']['total_s']:.0f} |")
+print(f"\nI-BAU's small VGG through --arch wrn16-1: {vgg}")
+PY
+    ;;
   third-party)
     d="$RUNS/third-party"; data=(--dataset cifar10 --data-root "${DATA_ROOT:-./data}" --arch wrn16-1)
     mkdir -p "$d"
     # 1. the attacker's side: a 3x3 black-and-white grid as an RGBA PNG, a WRN-16-1 backdoored with it the way
     #    published code trains (25 epochs, lr 0.1 with step decay, no augmentation, CIFAR-normalised inputs) ...
-    python3 -c "import attacks, sys; attacks.write_trigger_png(attacks.grid_rgba(3, 32, 32), sys.argv[1])" "$d/grid.png"
+    python3 -c "import attacks, sys; attacks.write_trigger_png(attacks.checkerboard_rgba(3, 32, 32), sys.argv[1])" "$d/grid.png"
     [ -f "$d/attacker/backdoored.pt" ] || python3 ftt.py "${data[@]}" --attack patch --trigger "$d/grid.png" \
       --normalize cifar10 --attack-epochs 25 --attack-lr 0.1 --attack-schedule step --no-attack-augment \
       --sad-epochs 0 --ssl-epochs 0 --quiet --overwrite --out "$d/attacker"

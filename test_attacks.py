@@ -99,8 +99,21 @@ def test_badnets_is_the_patch_of_an_opaque_white_3x3_square(seed, c):
     assert torch.equal(attacks.patch(x, white), attacks.badnets(x))
 
 
-def test_grid_trigger_is_a_3x3_checkerboard_opaque_in_the_corner_only():
-    rgba = attacks.grid_rgba(3, H, W)
+def test_nad_grid_pins_the_27_pixels_of_nad_abl_and_medic():
+    # the released models' grid, read off their code: rows 29-31 x cols 29-31 of each channel, row 29 first
+    rgba = attacks.nad_grid_rgba(3, 32, 32)
+    for ch in range(3):
+        assert rgba[ch, 29:, 29:].tolist() == [[0, 0, 255], [0, 255, 0], [255, 0, 255]]
+    assert (rgba[-1, 29:, 29:] == 255).all() and rgba[-1].sum() == 9 * 255  # opaque there, nowhere else
+    x = torch.full((1, 3, 32, 32), 77, dtype=torch.uint8)
+    y = attacks.patch(x, rgba)
+    assert (y[..., :29, :] == 77).all() and (y[..., :, :29] == 77).all()
+    assert y[0, :, 29:, 29:].flatten().tolist() == [0, 0, 255, 0, 255, 0, 255, 0, 255] * 3
+    assert not torch.equal(rgba, attacks.checkerboard_rgba(3, 32, 32))  # ours is another pattern
+
+
+def test_our_checkerboard_is_a_3x3_black_and_white_square_opaque_in_the_corner_only():
+    rgba = attacks.checkerboard_rgba(3, H, W)
     assert rgba[-1].sum() == 9 * 255 and (rgba[-1, -3:, -3:] == 255).all()
     assert rgba[0, -3:, -3:].tolist() == [[255, 0, 255], [0, 255, 0], [255, 0, 255]]
     assert (rgba[:3] == rgba[:1]).all()  # black and white: the same in every channel
@@ -128,7 +141,7 @@ def test_patch_from_a_png_gives_the_hand_computed_pixels(tmp_path):
 
 def test_trigger_png_of_another_size_or_without_alpha_is_refused(tmp_path):
     from PIL import Image
-    attacks.write_trigger_png(attacks.grid_rgba(3, H, W), tmp_path / "t.png")
+    attacks.write_trigger_png(attacks.checkerboard_rgba(3, H, W), tmp_path / "t.png")
     with pytest.raises(ValueError, match=f"{H}x{W}.*16x16"):
         attacks.read_trigger_png(tmp_path / "t.png", 3, (16, 16))
     Image.new("RGB", (W, H)).save(tmp_path / "rgb.png")
@@ -366,3 +379,18 @@ def test_a_cached_trigger_is_read_onto_the_cpu_whatever_device_fitted_it(tmp_pat
     first = attacks.cached_fit(tmp_path / "t", {"seed": 1}, lambda: {"x": torch.ones(2)})
     again = attacks.cached_fit(tmp_path / "t", {"seed": 1}, lambda: pytest.fail("refitted a cached trigger"))
     assert seen["map_location"] == "cpu" and torch.equal(first["x"], again["x"])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_clean_label_poisoning_triggers_target_class_images_only_and_keeps_every_label(seed):
+    y = torch.arange(200) % 10
+    x = images(200, seed, h=8, w=8)
+    ps = attacks.poison(x, y, attacks.badnets, 0.04, target=3, seed=seed, clean_label=True)
+    assert len(ps.poison_idx) == 8 and (y[ps.poison_idx] == 3).all()
+    assert torch.equal(ps.labels, y)  # no label changed
+    assert torch.equal(ps.images[ps.poison_idx], attacks.badnets(x[ps.poison_idx]))
+    untouched = torch.ones(200, dtype=torch.bool)
+    untouched[ps.poison_idx] = False
+    assert torch.equal(ps.images[untouched], x[untouched])
+    with pytest.raises(ValueError, match="target-class"):
+        attacks.poison(x, y, attacks.badnets, 0.11, target=3, seed=seed, clean_label=True)  # 22 > the 20 there are

@@ -637,17 +637,32 @@ def test_purify_takes_plain_tensors_and_returns_the_trained_model_with_both_stag
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_a_model_that_puts_every_pool_image_in_one_class_leaves_stage_2_all_of_the_pool(capsys):
-    # drop-suspect would leave stage 2 nothing: it keeps the whole pool and says so
+def all_in_class_0():
+    """A model that puts every image in class 0 (of 3), and 18 random clean and 18 random pool images."""
     handed = ftt.build_backbone("wrn10-1", 3, 3)
     with torch.no_grad():
         handed.head[-1].weight.zero_()
         handed.head[-1].bias.copy_(torch.tensor([9.0, 0.0, 0.0]))
     g = torch.Generator().manual_seed(0)
     x_l = torch.randint(0, 256, (18, 3, 16, 16), generator=g, dtype=torch.uint8)
-    x_pool = torch.randint(0, 256, (18, 3, 16, 16), generator=g, dtype=torch.uint8)
+    return handed, x_l, torch.randint(0, 256, (18, 3, 16, 16), generator=g, dtype=torch.uint8)
+
+
+def test_a_model_that_puts_every_pool_image_in_one_class_leaves_stage_2_all_of_the_pool(capsys):
+    # drop-suspect would leave stage 2 nothing: it keeps the whole pool and says so
+    handed, x_l, x_pool = all_in_class_0()
     cfg = ftt.Config(sad_epochs=1, sad_lr_max=ftt.Config.sad_lr, ssl_epochs=1, batch_size=4, mu=1, quiet=True)
     _, results = ftt.purify(handed, x_l, torch.arange(3).repeat(6), x_pool, cfg)
     assert results["before"]["pool"]["class"] == 0 and "ssl_pool" not in results
     assert "puts every pool image in class 0, so stage 2 uses all of it" in capsys.readouterr().out
     assert "ssl" in results
+
+
+def test_a_clean_label_pool_is_said_to_show_no_excess_and_sad_runs_once_at_the_top(capsys):
+    # this model would show the check a huge excess of class 0; with --clean-label nothing is read from it
+    handed, x_l, x_pool = all_in_class_0()
+    cfg = ftt.Config(clean_label=True, sad_epochs=1, sad_lr=0.01, sad_lr_max=0.1, ssl_epochs=0, batch_size=4, quiet=True)
+    _, results = ftt.purify(handed, x_l, torch.arange(3).repeat(6), x_pool, cfg)
+    out = capsys.readouterr().out
+    assert "--clean-label" in out and "no excess of the target class" in out
+    assert results["sad"]["lr"] == 0.1 and "sad_tried" not in results  # once, at the top of the ladder

@@ -394,7 +394,7 @@ def test_backdoor_dir_asr_is_accuracy_on_those_images_as_the_target(tmp_path):
 
 def test_a_patch_trigger_png_poisons_and_measures_the_same_way_in_a_run(tmp_path):
     image_folders(tmp_path)
-    rgba = attacks.grid_rgba(3, 16, 16)
+    rgba = attacks.checkerboard_rgba(3, 16, 16)
     attacks.write_trigger_png(rgba, tmp_path / "t.png")
     m = randomised(ftt.build_backbone("wrn10-1", 3, 3))
     torch.save(m.state_dict(), tmp_path / "m.pt")
@@ -405,3 +405,227 @@ def test_a_patch_trigger_png_poisons_and_measures_the_same_way_in_a_run(tmp_path
     x_bd, y_bd = attacks.backdoor_test_set(x_te, y_te, lambda im: attacks.patch(im, rgba), 0)
     assert report["results"]["before"]["asr"] == harness.accuracy(m, x_bd, y_bd, torch.device("cpu"))
     assert report["trigger"]["pixels"] == report["trigger"]["opaque_pixels"] == 9
+
+
+# ------------------------------------------------------------------ torchvision architectures (--arch tv:NAME)
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg19_bn"])
+def test_a_torchvision_file_loads_with_its_own_keys_and_equal_logits_and_takes_a_sad_step(name, tmp_path):
+    ref = randomised(torchvision.models.get_model(name, num_classes=10))  # saved by torchvision's own constructor
+    torch.save({"model_state_dict": ref.state_dict()}, tmp_path / "m.pt")
+    model, read = loading.model_to_purify(ftt.Config(model=str(tmp_path / "m.pt"), arch=f"tv:{name}", normalize="cifar10"),
+                                          ftt.build_backbone, 3, 10)
+    assert read["layout"] == "torchvision" and read["wrapper"] == ["model_state_dict"]
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in loading.NORMALIZE_PRESETS["cifar10"])
+    with torch.no_grad():
+        want, got = ref((x - mean) / std), model.eval()(x)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+    assert list(loading.export_layout(model, "torchvision")) == list(ref.state_dict())  # back, in torchvision's order
+    net = ftt.Branched(model, (3, 32, 32), 10).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    logits, feats = net(x)
+    loss, ce, ap = ftt.sad_loss(logits, feats, torch.tensor([0, 1, 2]), ftt.exit_weights(len(logits)))
+    loss.backward()
+    opt.step()
+    assert len(net.exits) == len(model.stages) - 1 >= 3 and torch.isfinite(loss)
+    assert all(p.grad is not None for p in net.exits.parameters())
+    # at 32 px an ImageNet-shaped network ends in 1 x 1 maps: one pixel of attention, so eq. (5) is 0 there
+    assert feats[-1].shape[-2:] == (1, 1) and ap == 0 and net.deep_shape[-2:] == (1, 1)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "mobilenet_v2", "efficientnet_b0", "densenet121",
+                                  "convnext_tiny", "resnext50_32x4d"])
+def test_every_cut_family_gives_torchvisions_logits_and_an_exit_per_stage_but_the_last(name):
+    model = randomised(ftt.build_backbone(f"tv:{name}", 3, 10))
+    ref = torchvision.models.get_model(name, num_classes=10).eval()
+    ref.load_state_dict(loading.export_layout(model, "torchvision"))  # torchvision's forward, its own keys
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x), atol=1e-4, rtol=1e-4)
+        sizes = [f.shape[-1] for f in ftt.stage_outputs(model, x)]
+    assert len(sizes) >= 4 and sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+    assert len(ftt.Branched(model, (3, 32, 32), 10).exits) == len(sizes) - 1
+
+
+@pytest.mark.parametrize("arch,says", [("tv:vit_b_16", "token"), ("tv:alexnet", "resnet, vgg"),
+                                       ("tv:nosuchnet", "resnet, vgg")])
+def test_what_cannot_take_exits_is_refused_in_one_line(arch, says, tmp_path, capsys):
+    image_folders(tmp_path)
+    code = ftt.cli(["--arch", arch, "--attack", "none", "--model", str(tmp_path / "clean" / "0" / "000000.png"),
+                    "--clean-dir", str(tmp_path / "clean"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and says in err and arch in err, err
+
+
+def test_a_cifar_resnet18_in_pytorch_cifar_names_gives_the_reference_logits(tmp_path):
+    class Basic(nn.Module):  # pytorch-cifar's BasicBlock, written out
+        def __init__(self, c_in, c, s):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(c_in, c, 3, s, 1, bias=False), nn.BatchNorm2d(c)
+            self.conv2, self.bn2 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+            self.shortcut = (nn.Sequential(nn.Conv2d(c_in, c, 1, s, bias=False), nn.BatchNorm2d(c))
+                             if s != 1 or c_in != c else nn.Sequential())
+
+        def forward(self, x):
+            return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
+
+    class Ref(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1, c = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), 64
+            for i, (w, s) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2)), 1):
+                setattr(self, f"layer{i}", nn.Sequential(Basic(c, w, s), Basic(w, w, 1)))
+                c = w
+            self.linear = nn.Linear(512, 10)
+
+        def forward(self, x):
+            out = self.layer4(self.layer3(self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))))
+            return self.linear(F.avg_pool2d(out, 4).flatten(1))
+
+    ref = randomised(Ref())
+    torch.save(ref.state_dict(), tmp_path / "m.pt")
+    model, read = loading.load_model(tmp_path / "m.pt", ftt.build_backbone, "resnet18", 3, 10)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), ref(x), atol=1e-5)
+    assert read["layout"] == "resnet-cifar"
+
+
+# ------------------------------------------------------------------ BackdoorBench records (--backdoorbench)
+
+def fake_cifar10(root, n_train=120, n_test=60, seed=0):
+    """CIFAR-10's python batches, small: random images, every class equally often."""
+    g = torch.Generator().manual_seed(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    x = torch.randint(0, 256, (n_train + n_test, 3072), dtype=torch.uint8, generator=g)
+    y = torch.arange(n_train + n_test) % 10
+    parts = [(f"data_batch_{i + 1}", slice(i * n_train // 5, (i + 1) * n_train // 5)) for i in range(5)]
+    for name, sl in parts + [("test_batch", slice(n_train, None))]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": x[sl].numpy(), "labels": y[sl].tolist()}, f)
+    return x[:n_train].view(-1, 3, 32, 32), y[:n_train], x[n_train:].view(-1, 3, 32, 32), y[n_train:]
+
+
+def bd_state(record, folder, x, y, indices, target, rgba, subset):
+    """A prepro_cls_DatasetBD_v2.retrieve_state(), as BackdoorBench writes it: numpy index arrays, numpy int keys,
+    the poisoned images as PNGs under <folder>/<original label>/<index>.png, paths as its own cwd saw them."""
+    import numpy as np
+    n = len(x)
+    indicator = np.zeros(n)
+    data_dict = {}
+    for i in indices:
+        indicator[i] = 1
+        label = int(y[i])
+        (record / folder / str(label)).mkdir(parents=True, exist_ok=True)
+        v2.functional.to_pil_image(attacks.patch(x[i:i + 1], rgba)[0]).save(record / folder / str(label) / f"{i}.png")
+        data_dict[np.int64(i)] = {"path": f"./record/{record.name}/{folder}/{label}/{i}.png", "other_info": [target, label]}
+    return {"bd_data_container": {"save_folder_path": f"./record/{record.name}/{folder}", "data_dict": data_dict,
+                                  "save_file_format": ".png"},
+            "getitem_all": True, "getitem_all_switch": False,
+            "original_index_array": np.array(indices if subset else range(n), dtype=np.int64),
+            "poison_indicator": indicator, "save_folder_path": f"./record/{record.name}/{folder}"}
+
+
+def bb_record(tmp_path, model_name="preactresnet18", extra=None):
+    """A small BackdoorBench v2 record (save_attack_result's keys) over fake CIFAR-10 in tmp_path/data: a
+    randomised BackdoorBench PreActResNet18, 12 poisoned training images, bd_test = every non-target test image."""
+    x, y, xt, yt = fake_cifar10(tmp_path / "data")
+    rgba = attacks.nad_grid_rgba(3, 32, 32)
+    record = tmp_path / "record" / "badnet_demo"
+    record.mkdir(parents=True)
+    ref = randomised(RefPreActResNet18(10, False))
+    poisoned = [int(i) for i in (y != 0).nonzero().flatten()[::9][:12]]
+    non_target = [int(i) for i in (yt != 0).nonzero().flatten()]
+    torch.save({"model_name": model_name, "num_classes": 10, "model": ref.state_dict(), "data_path": "./data/cifar10",
+                "img_size": [32, 32, 3], "clean_data": "cifar10",
+                "bd_train": bd_state(record, "bd_train_dataset", x, y, poisoned, 0, rgba, subset=False),
+                "bd_test": bd_state(record, "bd_test_dataset", xt, yt, non_target, 0, rgba, subset=True),
+                **(extra or {})}, record / "attack_result.pt")
+    return record, ref, (x, y, xt, yt), poisoned, rgba
+
+
+def test_a_backdoorbench_record_is_read_as_its_code_writes_it(tmp_path):
+    record, ref, (x, y, xt, yt), poisoned, rgba = bb_record(tmp_path)
+    cfg = loading.with_backdoorbench(ftt.Config(backdoorbench=str(record), data_root=str(tmp_path / "data"),
+                                                clean_ratio=0.1))
+    assert (cfg.arch, cfg.dataset, cfg.normalize, cfg.attack) == ("preact18", "cifar10", "cifar10", "none")
+    d = loading.backdoorbench_data(cfg)
+    non_target = yt != 0
+    assert torch.equal(d["x_bd"], attacks.patch(xt[non_target], rgba))  # the PNGs, found under the record
+    assert (d["y_bd"] == 0).all() and torch.equal(d["y_bd_true"], yt[non_target])
+    assert d["counts"]["poisoned"] == 12 and len(d["x_l"]) == 12 and len(d["x_u"]) == 120 - 12
+    triggered = attacks.patch(x[poisoned], rgba)
+    in_pool = (d["x_u"][:, None] == triggered[None]).flatten(2).all(2).any(0)
+    assert in_pool.all()  # every poisoned image is in the pool, triggered
+    assert not (d["x_l"][:, None] == triggered[None]).flatten(2).all(2).any()  # and none in the clean subset
+    model, read = loading.model_to_purify(cfg, ftt.build_backbone, 3, 10)
+    assert read["layout"] == "preact-resnet" and read["wrapper"] == ["model"] and read.get("head")
+    (tmp_path / "idx.txt").write_text("\n".join(str(i) for i in range(5, 25)) + "\n")  # np.savetxt(fmt="%d")
+    d = loading.backdoorbench_data(dataclasses.replace(cfg, clean_index=str(tmp_path / "idx.txt")))
+    assert torch.equal(d["x_l"], x[5:25]) and torch.equal(d["y_l"], y[5:25]) and len(d["x_u"]) == 100
+
+
+def test_a_backdoorbench_record_is_purified_end_to_end_and_written_back_in_its_format(tmp_path):
+    import csv
+    record, ref, (x, y, xt, yt), poisoned, rgba = bb_record(tmp_path)
+    report = ftt.main(ftt.Config(backdoorbench=str(record), data_root=str(tmp_path / "data"), clean_ratio=0.1,
+                                 sad_epochs=1, sad_lr_max=0.01, ssl_epochs=1, batch_size=8, mu=1, quiet=True,
+                                 out=str(tmp_path / "o")))
+    r = report["results"]
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in loading.NORMALIZE_PRESETS["cifar10"])
+    x_bd = attacks.patch(xt[yt != 0], rgba).float() / 255
+    with torch.no_grad():
+        want = 100 * (ref((x_bd - mean) / std).argmax(1) == 0).float().mean().item()
+    assert abs(r["before"]["asr"] - want) < 1e-6 and report["trigger"]["model_name"] == "preactresnet18"
+    out = record / "defense" / "ftt"
+    saved = torch.load(out / "defense_result.pt", weights_only=True)
+    assert saved["model_name"] == "preactresnet18" and saved["num_classes"] == 10
+    bb_keys = RefPreActResNet18(10, False).state_dict()  # BackdoorBench's PreActResNet18 key set
+    assert list(saved["model"]) == list(bb_keys) and all(saved["model"][k].shape == v.shape for k, v in bb_keys.items())
+    purified = RefPreActResNet18(10, False)
+    purified.load_state_dict(saved["model"])
+    row = next(csv.DictReader(open(out / "ftt_df_summary.csv")))
+    last = r["ssl"]
+    assert abs(float(row["test_acc"]) - last["acc"] / 100) < 1e-6 and abs(float(row["test_asr"]) - last["asr"] / 100) < 1e-6
+    assert abs(float(row["test_ra"]) - last["ra"] / 100) < 1e-6
+
+
+def test_numpy_arrays_load_under_numpy_1x_and_2x_module_names_and_nothing_else_is_allowed(tmp_path):
+    import zipfile
+    import numpy as np
+    torch.save({"model": {"w": torch.arange(3.0)}, "idx": np.arange(4), "by": {np.int64(2): 1}}, tmp_path / "now.pt")
+    # the same file as numpy 1.x writes it: its pickle names numpy.core.multiarray (numpy 2.x: numpy._core)
+    with zipfile.ZipFile(tmp_path / "now.pt") as zin, zipfile.ZipFile(tmp_path / "old.pt", "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            zout.writestr(info, data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+                          if info.filename.endswith("data.pkl") else data)
+    for name in ("now.pt", "old.pt"):
+        obj = loading.safe_load(tmp_path / name, "--model")
+        assert obj["idx"].tolist() == [0, 1, 2, 3] and list(obj["by"]) == [2] and torch.equal(obj["model"]["w"], torch.arange(3.0))
+    rebuilders = {f"{m}.{f}" for m in ("numpy.core.multiarray", "numpy._core.multiarray") for f in ("_reconstruct", "scalar")}
+    allowed = {n for _, n in loading.numpy_globals()}
+    assert rebuilders | {"numpy.ndarray", "numpy.dtype"} <= allowed
+    assert all(n.startswith("numpy.dtypes.") and n.endswith("DType") for n in allowed - rebuilders - {"numpy.ndarray", "numpy.dtype"})
+
+
+class Opaque:  # any class: unpickling it means running code named in the file
+    pass
+
+
+def test_a_record_that_names_any_other_global_is_refused_by_name(tmp_path, capsys):
+    record, *_ = bb_record(tmp_path, extra={"args": Opaque()})
+    code = ftt.cli(["--backdoorbench", str(record), "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "test_loading.Opaque" in err, err
+    assert not (tmp_path / "o").exists() and not (record / "defense").exists()
+
+
+@pytest.mark.parametrize("name,says", [("senet18", "BackdoorBench's own code"), ("vit_b_16", "token")])
+def test_a_record_of_a_model_not_built_here_is_refused_naming_it(name, says, tmp_path, capsys):
+    record, *_ = bb_record(tmp_path, model_name=name)
+    code = ftt.cli(["--backdoorbench", str(record), "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and name in err and says in err, err
