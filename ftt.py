@@ -59,6 +59,8 @@ class Config:
     sad_lr: float = flag(0.01, "stage 1 SGD lr, the first rung of the lr ladder")
     sad_lr_max: float = flag(0.1, "top of the ladder: while the pool check says the backdoor survived, SAD reruns "
                                   "from the backdoored model at the next 1-3-10 step; FT, FP and NAD train at it")
+    sad_early_check: float = flag(0.0, "beyond the paper: the pool check also after this share of each SAD attempt "
+                                       "below the ladder's top; the ladder climbs at once if it fails (0: at the end only)")
     sad_schedule: str = flag("cosine", "stage 1 lr schedule, also FT's and NAD's: cosine to 0, or nad (NAD's code: "
                                        "full lr for 10%% of the epochs, then a tenth)", choices=("cosine", "nad"))
     # eq. (5)-(7)
@@ -92,7 +94,8 @@ class Config:
     weight_decay: float = flag(5e-4, "SGD weight decay, all training")
     # the experiment: data, attack, the attacker's training of the backdoored model (BackdoorBench's recipe)
     dataset: str = flag("cifar10", "training and test data", choices=DATASETS)
-    arch: str = flag("preact18", "backbone: preact18, resnet18, resnet50, wrnD-K (wrn16-1: the paper's), tv:NAME (torchvision's, e.g. tv:vgg19_bn)")
+    arch: str = flag("preact18", "backbone: preact18, resnet18, resnet50, wrnD-K (wrn16-1: the paper's), or "
+                                 "tv:NAME, torchvision's own (e.g. tv:vgg19_bn)")
     attack: str = flag("badnets", "backdoor attack; patch: the --trigger PNG; none: with --model only, the pool is "
                                   "not poisoned (ASR from --backdoor-dir, if given)", choices=ATTACK_CHOICES)
     trigger: str = flag("", "--attack patch: a PNG with alpha of the input size; alpha marks and blends the trigger")
@@ -507,8 +510,9 @@ def ssl_forward(net: Branched, xb: Tensor, yb: Tensor, u_weak: Tensor, u_strong:
 # ================================================================================================
 
 def stage1_sad(net: Branched, x: Tensor, y: Tensor, cfg: Config, device: torch.device, log: RunLog,
-               state: RunState | None = None) -> None:
-    """Trains net (backbone and exits) on uint8 images x (N, C, H, W), labels y (N,), with eq. (7)'s labelled half."""
+               state: RunState | None = None, stop=None) -> int:
+    """Trains net (backbone and exits) on uint8 images x (N, C, H, W), labels y (N,), with eq. (7)'s labelled half.
+    stop(epoch) -> True ends training after that epoch (--sad-early-check). -> the last epoch run."""
     weights = exit_weights(len(net.exits) + 1)
     steps = math.ceil(len(x) / cfg.batch_size)
     opt = sgd(net.parameters(), cfg.sad_lr, cfg)
@@ -532,6 +536,9 @@ def stage1_sad(net: Branched, x: Tensor, y: Tensor, cfg: Config, device: torch.d
         if state:
             state.save("sad", epoch, net, opt, sched, {"sad_lr": cfg.sad_lr})
         log.end_epoch(epoch, net.backbone, {"ce": ce, "ap": ap}, lr_now)
+        if stop is not None and epoch < cfg.sad_epochs and stop(epoch):
+            return epoch
+    return cfg.sad_epochs
 
 
 # ================================================================================================
@@ -761,7 +768,15 @@ def sad_on_the_ladder(model: nn.Module, x_l: Tensor, y_l: Tensor, cfg: Config, c
         if i > 0:
             model.load_state_dict(backdoored)
             net = Branched(model, tuple(x_l.shape[1:]), k).to(device, memory_format=layout)
-        stage1_sad(net, x_l, y_l, dataclasses.replace(cfg, sad_lr=lr), device, log, state)
+        early = max(1, round(cfg.sad_early_check * cfg.sad_epochs)) if cfg.sad_early_check and i < len(ladder) - 1 else 0
+        part = {"lr": lr}  # the early check's pool report
+        stop = lambda e: e == early and check.after(f"{e} of {cfg.sad_epochs} SAD epochs at lr {lr}", net.backbone, part)
+        last = stage1_sad(net, x_l, y_l, dataclasses.replace(cfg, sad_lr=lr), device, log, state, stop if early else None)
+        if last < cfg.sad_epochs:  # --sad-early-check: the backdoor survived part of the way; climb now
+            tried.append({**part, "stopped_after_epoch": last})
+            results["sad_tried"] = tried
+            print(f"ftt: SAD again from the backdoored model at lr {ladder[i + 1]} (--sad-early-check)", flush=True)
+            continue
         results["sad"] = {**measured(log.measure("sad", net.backbone)), "lr": lr}
         if not check.after("sad", net.backbone, results["sad"]) or i == len(ladder) - 1:
             break

@@ -100,6 +100,8 @@ def validate(cfg) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} must be > 0")
     if getattr(cfg, "teacher", "none") != "none" and cfg.ssl_forward != "one":
         raise ConfigError(f"--teacher {cfg.teacher}: needs --ssl-forward one (its loss trains the weak view's pass)")
+    if not 0 <= getattr(cfg, "sad_early_check", 0) < 1:
+        raise ConfigError(f"--sad-early-check: {cfg.sad_early_check} must lie in [0, 1) (0: the check at the end only)")
     if not 0 <= getattr(cfg, "holdout", 0) < 1:
         raise ConfigError(f"--holdout: {cfg.holdout} must lie in [0, 1)")
     if not 0 <= getattr(cfg, "ssl_bn_momentum", 0) <= 1:
@@ -607,11 +609,13 @@ def results_table(title: str, results: dict) -> str:
     pool = lambda r: f"{r['pool']['excess_pp']:+.2f} (class {r['pool']['class']})" if "pool" in r else "-"
     sad = results.get("sad") or {}
     rows = [("before", results.get("before"))]
-    rows += [(f"FTT (SAD, lr {r['lr']}, pool check failed)", r) for r in results.get("sad_tried", [])]
+    rows += [(f"FTT (SAD, lr {r['lr']}, pool check failed"
+              + (f" after epoch {r['stopped_after_epoch']})" if "stopped_after_epoch" in r else ")"), r)
+             for r in results.get("sad_tried", [])]
     rows += [(f"FTT (SAD, lr {sad['lr']})" if "lr" in sad else "FTT (SAD)", results.get("sad")),
              ("FTT (SAD+SSL)", results.get("ssl"))]
     lines = [f"| {title} | ASR % | ACC % | RA % | pool excess, points (no trigger needed) |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {fmt(r['asr'])} | {fmt(r['acc'])} | {fmt(r.get('ra'))} | {pool(r)} |" for name, r in rows if r]
+    lines += [f"| {name} | {fmt(r.get('asr'))} | {fmt(r.get('acc'))} | {fmt(r.get('ra'))} | {pool(r)} |" for name, r in rows if r]
     return "\n".join(lines)
 
 

@@ -663,6 +663,8 @@ def with_backdoorbench(cfg):
         raise ConfigError(f"--backdoorbench: clean_data {rec['clean_data']!r} has no reader here ({', '.join(BB_DATASETS)})")
     if cfg.train_size or cfg.clean_dir or cfg.unlabeled_dir:
         raise ConfigError("--backdoorbench: the record fixes the data: drop --train-size and the --*-dir flags")
+    if cfg.model and Path(cfg.model) != Path(cfg.backdoorbench) / "attack_result.pt":
+        raise ConfigError("--backdoorbench: the record holds the model to purify: drop --model")
     return dataclasses.replace(cfg, model=str(Path(cfg.backdoorbench) / "attack_result.pt"), arch=bb_arch(rec["model_name"]),
                                dataset=rec["clean_data"], normalize=rec["clean_data"], attack="none")
 

@@ -570,7 +570,9 @@ def test_sad_removes_a_real_badnets_backdoor(seed, tmp_path, tiny_backdoor):
 
 def test_pool_check_warns_when_the_backdoor_survives(tmp_path, capsys, tiny_backdoor):
     # the same tiny backdoor, SAD at a negligible lr: the model keeps it, and so does the pool's excess
-    cfg = ftt.Config(**{**TINY, "sad_epochs": 1, "sad_lr": 1e-6, "sad_lr_max": 3e-6}, model=tiny_backdoor(0)[0],
+    path = tiny_backdoor(0)[0]
+    capsys.readouterr()  # what the shared attacker's run printed, if this test made it
+    cfg = ftt.Config(**{**TINY, "sad_epochs": 1, "sad_lr": 1e-6, "sad_lr_max": 3e-6}, model=path,
                      out=str(tmp_path / "run"), cache=str(tmp_path / "c"))
     r = ftt.main(cfg)["results"]
     out = capsys.readouterr().out
@@ -580,7 +582,26 @@ def test_pool_check_warns_when_the_backdoor_survives(tmp_path, capsys, tiny_back
     for after in r["sad_tried"] + [r["sad"]]:
         assert after["asr"] >= 80 and after["pool"]["suspect"] == cfg.target
         assert after["pool"]["suspect_pp"] >= ftt.POOL_KEEP * r["before"]["pool"]["excess_pp"]
-    assert out.count("the backdoor survived") == 2 and "SAD again from the backdoored model at lr 3e-06" in out
+    assert out.count("after sad the model still puts") == 2
+    assert "SAD again from the backdoored model at lr 3e-06" in out
+
+
+def test_the_early_check_climbs_the_ladder_after_part_of_a_failed_attempt(tmp_path, capsys, tiny_backdoor):
+    # --sad-early-check 0.25 of 4 epochs: the first rung stops after epoch 1 (the backdoor is all there), the top
+    # rung (no rung above it to climb to) runs its 4 epochs and is checked at the end only
+    path = tiny_backdoor(0)[0]
+    capsys.readouterr()
+    cfg = ftt.Config(**{**TINY, "sad_epochs": 4, "sad_lr": 1e-6, "sad_lr_max": 3e-6, "sad_early_check": 0.25,
+                        "ssl_epochs": 0}, model=path, out=str(tmp_path / "run"), cache=str(tmp_path / "c"))
+    r = ftt.main(cfg)["results"]
+    out = capsys.readouterr().out
+    (tried,) = r["sad_tried"]
+    assert tried["lr"] == 1e-6 and tried["stopped_after_epoch"] == 1 and tried["pool"]["suspect"] == cfg.target
+    assert r["sad"]["lr"] == 3e-6 and r["sad"]["asr"] >= 80
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in log if row["stage"] == "sad"] == [1, 1, 2, 3, 4]
+    assert "after 1 of 4 SAD epochs at lr 1e-06" in out and "at lr 3e-06 (--sad-early-check)" in out
+    assert "pool check failed after epoch 1" in out  # the results table names the stopped attempt
 
 
 def test_main_runs_both_stages_and_saves_a_plain_backbone_with_its_results(tmp_path, capsys):
