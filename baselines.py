@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import attacker
 import ftt
 import harness
 import loading
@@ -292,7 +293,7 @@ def prepare(cfg: ftt.Config) -> dict:
     if not (cfg.model or cfg.backdoorbench):
         raise harness.ConfigError("--model: a baseline needs the backdoored checkpoint it defends (ftt.py's backdoored.pt)")
     t0 = time.time()
-    prep = loading.prepare(cfg, ftt.build_backbone, ftt.make_trigger)
+    prep = loading.prepare(cfg, ftt.build_backbone, attacker.make_trigger)
     return {**prep, "before": harness.measured(prep["evaluate"](prep["model"])), "rng": torch.get_rng_state(),
             "data_s": time.time() - t0}
 

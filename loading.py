@@ -528,7 +528,7 @@ def pool_with_share(pool: Tensor, poisoned: Tensor, share: float, seed: int) -> 
 
 
 def benchmark_data(cfg, device: torch.device, make_trigger) -> dict:
-    """--dataset: read it, make the trigger (make_trigger(cfg, x, y, k, device): ftt.make_trigger), poison,
+    """--dataset: read it, make the trigger (make_trigger(cfg, x, y, k, device): attacker.make_trigger), poison,
     split for the defender, build the ASR set."""
     data = load_dataset(cfg.dataset, cfg.data_root)
     (x_train, y_train), (x_test, y_test) = data["train"], data["test"]

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from hypothesis import given, strategies as st
 
+import attacker
 import ftt
 import harness
 import loading
@@ -630,7 +631,7 @@ def test_ssl_pool_leaves_out_by_default_exactly_what_the_backdoored_model_puts_i
                         "sad_lr_max": ftt.Config.sad_lr, "ssl_epochs": 1, "mu": 2},  # --ssl-pool: its default
                      out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
     r = ftt.main(cfg)["results"]
-    x_u = loading.load_data(cfg, torch.device("cpu"), ftt.make_trigger)["x_u"]
+    x_u = loading.load_data(cfg, torch.device("cpu"), attacker.make_trigger)["x_u"]
     backdoored = ftt.build_backbone(cfg.arch, 1, 10)
     backdoored.load_state_dict(torch.load(tmp_path / "run" / "backdoored.pt", weights_only=True))
     suspect = r["before"]["pool"]["class"]

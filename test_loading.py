@@ -15,6 +15,7 @@ import torchvision
 from hypothesis import given, strategies as st
 from torchvision.transforms import v2
 
+import attacker
 import attacks
 import ftt
 import harness
@@ -98,15 +99,15 @@ def test_a_given_reference_model_is_loaded_as_is_and_named_in_the_trigger_recipe
     torch.save(ref.state_dict(), tmp_path / "ref.pt")
     cfg = ftt.Config(dataset="fashion-mnist", arch="wrn10-1", attack="low-frequency",
                      reference_model=str(tmp_path / "ref.pt"), cache=str(tmp_path / "cache"))
-    loaded = ftt.clean_reference(cfg, x, y, 10, torch.device("cpu"))
+    loaded = attacker.clean_reference(cfg, x, y, 10, torch.device("cpu"))
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ref.state_dict().items())
     assert not (tmp_path / "cache").exists()  # nothing was trained or cached
-    *_, how = ftt.make_trigger(cfg, x, y, 10, torch.device("cpu"))
+    *_, how = attacker.make_trigger(cfg, x, y, 10, torch.device("cpu"))
     assert how["reference_sha256"] == hashlib.sha256((tmp_path / "ref.pt").read_bytes()).hexdigest()
     assert "reference_epochs" not in how
     torch.save(ftt.build_backbone("wrn10-1", 1, 5).state_dict(), tmp_path / "five.pt")
     with pytest.raises(harness.ConfigError, match=r"--reference-model: head.4.weight has shape \(5, 64\)"):
-        ftt.clean_reference(dataclasses.replace(cfg, reference_model=str(tmp_path / "five.pt")), x, y, 10,
+        attacker.clean_reference(dataclasses.replace(cfg, reference_model=str(tmp_path / "five.pt")), x, y, 10,
                             torch.device("cpu"))
 
 # ------------------------------------------------------------------ your own data: ImageFolder in, purified model out
@@ -370,7 +371,7 @@ def test_normalize_lives_in_the_model_and_not_in_its_state_dict(tmp_path):
 def test_attack_none_poisons_nothing_and_leaves_asr_to_backdoor_dir():
     needs_fashion()
     cfg = ftt.Config(dataset="fashion-mnist", data_root="./data", attack="none", train_size=400, test_size=100)
-    d = loading.benchmark_data(cfg, torch.device("cpu"), ftt.make_trigger)
+    d = loading.benchmark_data(cfg, torch.device("cpu"), attacker.make_trigger)
     x, y = loading.load_dataset("fashion-mnist", "./data")["train"]
     assert d["counts"]["poisoned"] == 0 and len(d["x_bd"]) == 0 and d["trigger"]["attack"] == "none"
     assert torch.equal(d["x_poisoned"], x[:400]) and torch.equal(d["y_poisoned"], y[:400])
