@@ -4,7 +4,8 @@ Stage 1, SAD: early exits after every stage but the last; train on a small clean
 exit-weighted cross-entropy (eq. 1) plus the attention presentation loss to the deepest feature (eq. 2-5).
 Stage 2, SSL: the poisoned pool, labels thrown away, joins through per-exit FixMatch pseudo-labels (eq. 6, 7).
 Measured here (docs/results.md; `./reproduce.sh benchmark`, CIFAR-10, WRN-16-1, BadNets / Blended / Trojan x 2
-seeds, n = 6, 2 CPU cores): ASR 98.68 -> 1.59, ACC 84.17 -> 82.12; the paper's SSL accuracy gain did not appear.
+seeds, n = 6, 2 CPU cores, stage 2 without --teacher): ASR 98.68 -> 1.59, ACC 84.17 -> 82.12; the paper's SSL
+accuracy gain did not appear. --teacher soft (the default since) gave about 3 points back on two development models.
 
   eq. (1)  exit_weights, exit_cross_entropy     eq. (5)  ap_loss, reduce_ap (the batch reduction is ours)
   eq. (2)  attention_sum                        eq. (6)  pseudo_labels
@@ -78,17 +79,20 @@ class Config:
     threshold: float = flag(0.95, "pseudo-label confidence threshold t, eq. (6)")
     batch_size: int = flag(64, "labelled batch of both stages (paper: 64)")
     ema: float = flag(0.999, "stage 2 keeps, evaluates and saves an EMA of the weights with this decay (0: none)")
-    ssl_forward: str = flag("split", "stage 2's step: split (weak views without gradient, BatchNorm statistics "
-                                     "left alone) or one (FixMatch: labelled, weak and strong views in one trained "
-                                     "pass)", choices=("split", "one"))
+    ssl_forward: str = flag("one", "stage 2's step: one (FixMatch: labelled, weak and strong views in one trained "
+                                   "pass) or split (weak views without gradient, BatchNorm statistics left alone; "
+                                   "needs --teacher none)", choices=("split", "one"))
     ssl_bn_momentum: float = flag(0.0, "BatchNorm momentum during stage 2 (FixMatch: 0.001; 0: the model's own)")
     ssl_decay_all: bool = flag(True, "stage 2's weight decay on every tensor (FixMatch: none on biases and "
                                      "BatchNorm's weights)")
-    teacher: str = flag("none", "beyond the paper: the backdoored model's own predictions on pool images outside "
-                                "the suspect class as targets on their weak views (none, hard, soft; with --ssl-"
-                                "forward one)", choices=("none", "hard", "soft"))
+    teacher: str = flag("soft", "beyond the paper: the backdoored model's own predictions on pool images outside "
+                                "the suspect class as targets on their weak views (soft, hard; none: the paper's "
+                                "stage 2); off, with a line, when the pool shows no suspect class",
+                        choices=("none", "hard", "soft"))
     teacher_weight: float = flag(1.0, "weight of --teacher's cross-entropy beside eq. (7)")
     holdout: float = flag(0.0, "share of the clean subset kept out of both stages: ACC on defender data")
+    holdout_unseen: int = flag(0, "N clean training images past --train-size (the attacker never trained on them) "
+                                  "kept out of both stages: ACC on defender data that no model memorised")
     momentum: float = flag(0.9, "SGD momentum, all training")
     weight_decay: float = flag(5e-4, "SGD weight decay, all training")
     # the experiment: data, attack, the attacker's training of the backdoored model (BackdoorBench's recipe)
@@ -791,12 +795,15 @@ def sad_on_the_ladder(model: nn.Module, x_l: Tensor, y_l: Tensor, cfg: Config, c
 
 def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Tensor, cfg: Config | None = None,
            num_classes: int | None = None, device: torch.device | None = None, log: RunLog | None = None,
-           state: RunState | None = None, timings: dict | None = None) -> tuple[nn.Module, dict]:
+           state: RunState | None = None, timings: dict | None = None,
+           held_out: tuple[Tensor, Tensor] | None = None) -> tuple[nn.Module, dict]:
     """FTT on a backdoored model with .stem, .stages, .head (any of ours, or your own): stage 1 on the clean
     x_labelled (N, C, H, W) uint8 with y_labelled (N,), then stage 2 on the unlabelled x_pool (M, C, H, W)
     uint8. cfg: a Config (its SAD, eq. (5)-(7) and SSL fields); log: evaluation and progress (default: none,
-    quiet); state: resume. The model is trained in place. -> (purified model, results: "before" (pool check),
-    "sad", "sad_tried", "ssl_pool", "ssl", each with ACC/ASR/RA where log evaluates, else None)."""
+    quiet); state: resume; held_out: (x, y) clean images no stage trains on, ACC on them after each stage
+    (--holdout takes them from x_labelled instead). The model is trained in place. -> (purified model,
+    results: "before" (pool check), "sad", "sad_tried", "ssl_pool", "ssl", each with ACC/ASR/RA where log
+    evaluates, else None)."""
     cfg = cfg or Config()
     device = device or next(model.parameters()).device
     log = log or RunLog(quiet=True)
@@ -804,7 +811,7 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
     results = state.results if state else {}
     timings = {} if timings is None else timings
     x_l, y_l, x_u = x_labelled.to(device), y_labelled.to(device), x_pool.to(device)
-    held_out = None
+    held_out = tuple(t.to(device) for t in held_out) if held_out is not None else None
     if cfg.holdout > 0:  # --holdout: ACC on clean images that no stage trains on, for choices made on defender data
         order = torch.randperm(len(x_l), generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
         n = round(cfg.holdout * len(x_l))
@@ -896,7 +903,7 @@ def main(cfg: Config) -> dict:
     if not cfg.model:
         torch.save(model.state_dict(), out / "backdoored.pt")
     results["before"] = measured(log.measure("attack", model))
-    purified, results = purify(model, p["x_l"], p["y_l"], p["x_u"], cfg, k, device, log, state, timings)
+    purified, results = purify(model, p["x_l"], p["y_l"], p["x_u"], cfg, k, device, log, state, timings, p["held_out"])
     timings["total_s"] = time.time() - t_start
     torch.save(purified.state_dict(), out / "purified.pt")
     report = {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "versions": versions(), "device": str(device),

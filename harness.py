@@ -99,11 +99,16 @@ def validate(cfg) -> None:
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} must be > 0")
     if getattr(cfg, "teacher", "none") != "none" and cfg.ssl_forward != "one":
-        raise ConfigError(f"--teacher {cfg.teacher}: needs --ssl-forward one (its loss trains the weak view's pass)")
+        raise ConfigError(f"--teacher {cfg.teacher}: needs --ssl-forward one (its loss trains the weak view's pass); "
+                          f"with --ssl-forward split give --teacher none")
     if not 0 <= getattr(cfg, "sad_early_check", 0) < 1:
         raise ConfigError(f"--sad-early-check: {cfg.sad_early_check} must lie in [0, 1) (0: the check at the end only)")
     if not 0 <= getattr(cfg, "holdout", 0) < 1:
         raise ConfigError(f"--holdout: {cfg.holdout} must lie in [0, 1)")
+    if getattr(cfg, "holdout_unseen", 0) and (cfg.holdout_unseen < 0 or not cfg.train_size or cfg.holdout
+                                                or cfg.clean_dir):
+        raise ConfigError(f"--holdout-unseen: {cfg.holdout_unseen} needs --dataset with --train-size (the images past "
+                          f"it are the unseen ones) and no --holdout beside it")
     if not 0 <= getattr(cfg, "ssl_bn_momentum", 0) <= 1:
         raise ConfigError(f"--ssl-bn-momentum: {cfg.ssl_bn_momentum} must lie in [0, 1] (0: the model's own)")
     if cfg.sad_lr_max < cfg.sad_lr:

@@ -532,6 +532,13 @@ def benchmark_data(cfg, device: torch.device, make_trigger) -> dict:
     split for the defender, build the ASR set."""
     data = load_dataset(cfg.dataset, cfg.data_root)
     (x_train, y_train), (x_test, y_test) = data["train"], data["test"]
+    held_out = None
+    if getattr(cfg, "holdout_unseen", 0):  # images past --train-size: the attacker never trained on them
+        if cfg.train_size + cfg.holdout_unseen > len(x_train):
+            raise ConfigError(f"--holdout-unseen: {cfg.holdout_unseen} images past --train-size {cfg.train_size} "
+                              f"exceed {cfg.dataset}'s {len(x_train)} training images")
+        held_out = (x_train[cfg.train_size:cfg.train_size + cfg.holdout_unseen],
+                    y_train[cfg.train_size:cfg.train_size + cfg.holdout_unseen])
     if cfg.train_size:
         x_train, y_train = x_train[:cfg.train_size], y_train[:cfg.train_size]
     if cfg.test_size:
@@ -564,7 +571,7 @@ def benchmark_data(cfg, device: torch.device, make_trigger) -> dict:
     return {"num_classes": k, "x_poisoned": ps.images, "y_poisoned": ps.labels, "x_clean_train": x_train,
             "y_clean_train": y_train, "x_l": ps.images[clean_idx], "y_l": ps.labels[clean_idx],
             "x_u": ps.images[unl_idx], "x_test": x_test, "y_test": y_test, "x_bd": x_bd, "y_bd": y_bd,
-            "y_bd_true": y_bd_true, "trigger": {**how, "psnr_db": psnr},
+            "y_bd_true": y_bd_true, "trigger": {**how, "psnr_db": psnr}, "held_out": held_out,
             "counts": {"train": len(x_train), "test": len(x_test), "poisoned": len(ps.poison_idx),
                        "noise": len(ps.noise_idx), "clean": len(clean_idx), "unlabelled": len(unl_idx)}}
 
@@ -788,7 +795,10 @@ def prepare(cfg, build, make_trigger) -> dict:
         model = model.to(memory_format=torch.channels_last)
     if read:
         print(model_line(cfg, read), flush=True)
+    held_out = d.get("held_out")  # --holdout-unseen
+    held_out = tuple(t.to(device) for t in held_out) if held_out is not None else None
     return {"cfg": cfg, "device": device, "d": d, "x_l": x_l, "y_l": y_l, "x_u": x_u, "evaluate": evaluate, "model": model,
+            "held_out": held_out,
             "read": read, "num_classes": d["num_classes"], "shape": tuple(x_l.shape[1:]), "data_s": time.time() - t0,
             "counts": {**d["counts"], "train": len(d.get("x_poisoned", ())), "clean": len(x_l),
                        "unlabelled": len(x_u), "test": len(x_te), "backdoor_test": len(x_bd)}}

@@ -34,6 +34,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 name=${1:-}; shift || true
 RUNS=${RUNS:-runs}
+PAPER_SSL="--ssl-pool all --ssl-forward split --teacher none"  # the paper's stage 2 (tables 3, 4, quick-ablation)
 
 table() {  # table TITLE JSON... : a Markdown table of ACC / ASR / PSNR per results JSON
   python3 - "$@" <<'PY'
@@ -228,7 +229,7 @@ PY
     # terms, on all of the pool as in the paper (--ssl-pool all: the default would leave the triggered images out)
     dir="$RUNS/quick-ablation"; CELLS=4
     flags=(--dataset fashion-mnist --arch wrn16-1 --train-size 20000 --test-size 2000 --reference-epochs 3
-           --sad-epochs 0 --ssl-pool all --quiet "$@")
+           --sad-epochs 0 $PAPER_SSL --quiet "$@")
     for a in badnets blended; do
       cell "$dir/$a-without-stage1" ftt.py --attack "$a" --model "$RUNS/quick/$a/ftt/backdoored.pt" "${flags[@]}"
       cell "$dir/$a-without-sad" ftt.py --attack "$a" --beta 0 --model "$RUNS/quick/$a/ftt/backdoored.pt" "${flags[@]}"
@@ -250,9 +251,9 @@ PY
     dir="$RUNS/table3"; CELLS=16
     for a in atteq-nn badnets blended low-frequency; do  # the pool's share changes the defender's data only:
       # one attacker per attack; SSL on all of the pool, as in the paper (the default leaves the suspect class out)
-      cell "$dir/$a/share-0" ftt.py --attack "$a" --pool-poison-share 0 --ssl-pool all "$@"
+      cell "$dir/$a/share-0" ftt.py --attack "$a" --pool-poison-share 0 $PAPER_SSL "$@"
       for s in 0.25 0.5 0.75; do
-        cell "$dir/$a/share-$s" ftt.py --attack "$a" --pool-poison-share "$s" --ssl-pool all --model "$dir/$a/share-0/backdoored.pt" "$@"
+        cell "$dir/$a/share-$s" ftt.py --attack "$a" --pool-poison-share "$s" $PAPER_SSL --model "$dir/$a/share-0/backdoored.pt" "$@"
       done
     done
     table "Table 3: poisoned share of the unlabelled pool (ASR/ACC after SAD+SSL are the last two)" "$dir"/*/share-*/results.json | tee "$dir/table.md" ;;
@@ -262,9 +263,9 @@ PY
       model="$RUNS/table1/$a/ftt/backdoored.pt"; given=(--model "$model")
       [ -f "$model" ] || { model="$dir/$a/full/backdoored.pt"; given=(); }
       # SSL on all of the pool, as in the paper (the default leaves the suspect class out)
-      cell "$dir/$a/full" ftt.py --attack "$a" --ssl-pool all "${given[@]}" "$@"   # its SAD column is "without SSL"
-      cell "$dir/$a/without-stage1" ftt.py --attack "$a" --sad-epochs 0 --ssl-pool all --model "$model" "$@"
-      cell "$dir/$a/without-sad" ftt.py --attack "$a" --sad-epochs 0 --beta 0 --ssl-pool all --model "$model" "$@"
+      cell "$dir/$a/full" ftt.py --attack "$a" $PAPER_SSL "${given[@]}" "$@"   # its SAD column is "without SSL"
+      cell "$dir/$a/without-stage1" ftt.py --attack "$a" --sad-epochs 0 $PAPER_SSL --model "$model" "$@"
+      cell "$dir/$a/without-sad" ftt.py --attack "$a" --sad-epochs 0 --beta 0 $PAPER_SSL --model "$model" "$@"
     done
     table "Table 4: ablation (full: SAD+SSL; without SSL: the SAD columns of full; without-stage1 (no stage 1, eq. 7
 whole in stage 2) and without-sad (no stage 1 and beta 0: no attention distillation at all): the SAD+SSL columns)" \
@@ -366,13 +367,16 @@ for r in sorted(os.listdir(d)):
 PY
     ;;
   stage2)
-    # issue 22: stage 2 variants on development models, chosen on the defender's data: --holdout 0.2 keeps 500 of
-    # the 2,500 clean images out of both stages for ACC; the pool check speaks for the backdoor. ROWS (badnets-s0),
-    # PASSES (SSL passes, 2), VARIANTS (names below), TRAIN_SIZE (0: all 50,000; on 2 cores 20000 keeps a variant near
-    # 6 minutes). The attacker: benchmark's recipe, or benchmark's own model (whole training set only).
+    # issue 22: stage 2 variants on development models, chosen on the defender's data: ACC on held-out clean images
+    # (with TRAIN_SIZE: --holdout-unseen UNSEEN, 2000 training images past TRAIN_SIZE that the attacker never saw;
+    # without: --holdout 0.2, 500 of the 2,500 clean images, which the attacker trained on); the pool check speaks
+    # for the backdoor. ROWS (badnets-s0), PASSES (SSL passes, 2), VARIANTS (names below), TRAIN_SIZE (0: all 50,000;
+    # on 2 cores 20000 keeps a variant near 6 minutes). The attacker: benchmark's recipe, or benchmark's own model.
     size=${TRAIN_SIZE:-0}; dir="$RUNS/stage2$([ "$size" = 0 ] || echo "-n$size")"; rows=${ROWS:-badnets-s0}; passes=${PASSES:-2}
-    declare -A how=([split]="--ssl-forward split" [one]="--ssl-forward one"
-      [fixmatch]="--ssl-forward one --ssl-bn-momentum 0.001 --no-ssl-decay-all"
+    hold=(--holdout 0.2); tag=""
+    if [ "$size" != 0 ]; then hold=(--holdout-unseen "${UNSEEN:-2000}"); tag="-u${UNSEEN:-2000}"; fi
+    declare -A how=([split]="--ssl-forward split --teacher none" [one]="--ssl-forward one --teacher none"
+      [fixmatch]="--ssl-forward one --ssl-bn-momentum 0.001 --no-ssl-decay-all --teacher none"
       [fixmatch-teacher]="--ssl-forward one --ssl-bn-momentum 0.001 --no-ssl-decay-all --teacher soft"
       [one-teacher]="--ssl-forward one --teacher soft")
     variants=${VARIANTS:-split one fixmatch fixmatch-teacher}
@@ -387,13 +391,13 @@ PY
           --no-attack-augment --sad-epochs 0 --ssl-epochs 0 --quiet
       fi
       for v in $variants; do
-        cell "$dir/$r/$v-p$passes" ftt.py "${flags[@]}" --model "$model" --holdout 0.2 --ssl-epochs "$passes" \
+        cell "$dir/$r/$v-p$passes$tag" ftt.py "${flags[@]}" --model "$model" "${hold[@]}" --ssl-epochs "$passes" \
           ${how[$v]} --quiet "$@"
       done
     done
     python3 - "$dir"/*/*-p*/results.json <<'PY' | tee "$dir/table.md"
 import json, sys
-print("\nStage 2 variants (./reproduce.sh stage2). Defender side: ACC on the held-out clean images (20% of the clean subset), the pool's "
+print("\nStage 2 variants (./reproduce.sh stage2). Defender side: ACC on the held-out clean images (--holdout-unseen or --holdout), the pool's "
       "excess in the suspect class (points). Test side, not used to choose: ACC / ASR.\n")
 print("| run | held-out ACC before / SAD / SSL | pool excess SAD / SSL | test ACC / ASR after SSL | BN from pool: "
       "test ACC before / SSL | minutes |\n|---|---|---|---|---|---|")

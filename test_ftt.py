@@ -312,8 +312,9 @@ def test_each_exit_learns_from_its_own_pseudo_labels():
 
 
 def test_weak_view_pass_leaves_batchnorm_running_statistics_alone():
-    # after one SSL step the running statistics are those that the labelled + strong forward alone gives
-    cfg = ftt.Config(threshold=0.95, channels_last=False)
+    # --ssl-forward split: after one SSL step the running statistics are those that the labelled + strong forward
+    # alone gives (the one-pass forward, the default, has its own test below)
+    cfg = ftt.Config(threshold=0.95, channels_last=False, ssl_forward="split", teacher="none")
     xb, weak, strong = solid(10)[:2], solid(250), solid(60)
     net = TwoExits().train()
     ftt.ssl_forward(net, xb, torch.tensor([0, 0]), weak, strong, [1.0, 1.0], cfg, torch.device("cpu"))
@@ -468,7 +469,8 @@ def test_teacher_targets_leave_out_the_suspect_class_and_refuse_without_one(caps
 
 def test_teacher_needs_the_one_pass_forward_and_holdout_a_share():
     with pytest.raises(harness.ConfigError, match="--ssl-forward one"):
-        harness.validate(ftt.Config(teacher="hard"))
+        harness.validate(ftt.Config(ssl_forward="split"))  # the default teacher needs the one-pass forward
+    harness.validate(ftt.Config(ssl_forward="split", teacher="none"))  # the paper's split stage 2, without it
     with pytest.raises(harness.ConfigError, match="--holdout"):
         harness.validate(ftt.Config(holdout=1.0))
 
@@ -652,9 +654,13 @@ def test_purify_takes_plain_tensors_and_returns_the_trained_model_with_both_stag
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = ftt.Config(sad_epochs=1, sad_lr_max=ftt.Config.sad_lr, ssl_epochs=1, batch_size=8, mu=1, channels_last=False,
                      quiet=True)
-    purified, results = ftt.purify(model, x_l, y_l, x_pool, cfg)
+    x_h, y_h = x_l[:6] // 2, torch.arange(3).repeat(2)  # held out: ACC on them after each stage, never trained on
+    acc_before = harness.hit_rate(harness.predictions(model, x_h, torch.device("cpu")), y_h)
+    purified, results = ftt.purify(model, x_l, y_l, x_pool, cfg, held_out=(x_h, y_h))
     assert set(results) >= {"before", "sad", "ssl"} and results["sad"]["lr"] == cfg.sad_lr
     assert results["ssl"]["acc"] is None  # no evaluation was asked for: nothing is made up
+    assert results["before"]["acc_held_out"] == acc_before and "acc_held_out" in results["sad"]
+    assert results["ssl"]["acc_held_out"] == harness.hit_rate(harness.predictions(purified, x_h, torch.device("cpu")), y_h)
     assert set(purified.state_dict()) == set(before)  # the plain backbone, no exits
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 

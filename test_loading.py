@@ -630,3 +630,17 @@ def test_a_record_of_a_model_not_built_here_is_refused_naming_it(name, says, tmp
     code = ftt.cli(["--backdoorbench", str(record), "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and name in err and says in err, err
+
+
+def test_holdout_unseen_takes_labelled_images_past_train_size_that_the_attacker_never_saw():
+    needs_fashion()
+    cfg = ftt.Config(dataset="fashion-mnist", data_root="./data", train_size=400, test_size=100, holdout_unseen=50)
+    d = loading.benchmark_data(cfg, torch.device("cpu"), attacker.make_trigger)
+    x, y = loading.load_dataset("fashion-mnist", "./data")["train"]
+    assert torch.equal(d["held_out"][0], x[400:450]) and torch.equal(d["held_out"][1], y[400:450])
+    assert len(d["x_poisoned"]) == 400  # the attacker's training set ends where the held-out images begin
+    for bad in (dict(train_size=0), dict(holdout=0.2), dict(holdout_unseen=-1)):
+        with pytest.raises(harness.ConfigError, match="--holdout-unseen"):
+            harness.validate(dataclasses.replace(cfg, **bad))
+    with pytest.raises(harness.ConfigError, match="exceed"):
+        loading.benchmark_data(dataclasses.replace(cfg, train_size=59990), torch.device("cpu"), attacker.make_trigger)
