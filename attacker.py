@@ -19,7 +19,6 @@ from loading import load_model
 Tensor = torch.Tensor
 
 
-
 def clean_reference(cfg: Config, x: Tensor, y: Tensor, num_classes: int, device: torch.device) -> nn.Module:
     """The attacker's clean model of cfg.arch: --reference-model when given, else trained
     cfg.reference_epochs on the clean training set and cached."""

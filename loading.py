@@ -795,10 +795,8 @@ def prepare(cfg, build, make_trigger) -> dict:
         model = model.to(memory_format=torch.channels_last)
     if read:
         print(model_line(cfg, read), flush=True)
-    held_out = d.get("held_out")  # --holdout-unseen
-    held_out = tuple(t.to(device) for t in held_out) if held_out is not None else None
     return {"cfg": cfg, "device": device, "d": d, "x_l": x_l, "y_l": y_l, "x_u": x_u, "evaluate": evaluate, "model": model,
-            "held_out": held_out,
+            "held_out": d.get("held_out"),  # --holdout-unseen; purify moves it to the device
             "read": read, "num_classes": d["num_classes"], "shape": tuple(x_l.shape[1:]), "data_s": time.time() - t0,
             "counts": {**d["counts"], "train": len(d.get("x_poisoned", ())), "clean": len(x_l),
                        "unlabelled": len(x_u), "test": len(x_te), "backdoor_test": len(x_bd)}}
