@@ -25,7 +25,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,8 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from augment import cutout, rand_augment, random_crop_flip
-from harness import (ARCHS, ATTACK_CHOICES, DATASETS, SSL_POOLS, SCHEDULES, FiniteWatch, RunLog,
-                     RunState, autocast, bn_momentum, bn_reestimated, cosine, descend, ema_update, estimate_run,
+from harness import (ARCHS, SSL_POOLS, SCHEDULES, FiniteWatch, RunConfig, RunLog,
+                     RunState, autocast, bn_momentum, bn_reestimated, cosine, descend, ema_update, estimate_run, flag,
                      frozen_bn_stats, hit_rate, measured, parse_config, predictions, results_table, run_cli,
                      save_atomic_text, sgd, start_line, supervised_forward, to_input, versions)
 from loading import prepare, torchvision_backbone, write_defense_result
@@ -43,17 +43,15 @@ Tensor = torch.Tensor
 
 
 # ================================================================================================
-# Config: every knob of a run; the flags are its fields. Defaults: the paper's CIFAR-10 / PreActResNet-18
-# setting, with stage budgets that fit 2 CPU cores on WRN-16-1 (docs/results.md says why each was chosen).
+# Config: every knob of the method, the flags its fields (the experiment's and the run's: harness.RunConfig).
+# Defaults: the paper's CIFAR-10 / PreActResNet-18 setting, with stage budgets that fit 2 CPU cores on
+# WRN-16-1 (docs/results.md says why each was chosen).
 # ================================================================================================
 
-def flag(default, help: str, **meta):
-    return field(default=default, metadata={"help": help, **meta})
-
-
 @dataclass
-class Config:
-    """Every knob of a run (one line each; `python ftt.py --help` prints them)."""
+class Config(RunConfig):
+    """Every knob of the method (one line each); the experiment's and the run's are harness.RunConfig's.
+    `python ftt.py --help` prints the method's first."""
     # stage 1: SAD
     sad_epochs: int = flag(20, "stage 1 epochs over the clean subset (NAD's budget)")
     sad_lr: float = flag(0.01, "stage 1 SGD lr, the first rung of the lr ladder")
@@ -95,55 +93,6 @@ class Config:
                                   "kept out of both stages: ACC on defender data that no model memorised")
     momentum: float = flag(0.9, "SGD momentum, all training")
     weight_decay: float = flag(5e-4, "SGD weight decay, all training")
-    # the experiment: data, attack, the attacker's training of the backdoored model (BackdoorBench's recipe)
-    dataset: str = flag("cifar10", "training and test data", choices=DATASETS)
-    arch: str = flag("preact18", "backbone: preact18, resnet18, resnet50, wrnD-K (wrn16-1: the paper's), or "
-                                 "tv:NAME, torchvision's own (e.g. tv:vgg19_bn)")
-    attack: str = flag("badnets", "backdoor attack; patch: the --trigger PNG; none: with --model only, the pool is "
-                                  "not poisoned (ASR from --backdoor-dir, if given)", choices=ATTACK_CHOICES)
-    trigger: str = flag("", "--attack patch: a PNG with alpha of the input size; alpha marks and blends the trigger")
-    poison_rate: float = flag(0.1, "share of the whole training set poisoned (BackdoorBench: 0.1)")
-    clean_label: bool = flag(False, "poison target-class images only, labels kept (a clean-label attack's pool)")
-    target: int = flag(0, "all-to-one target class")
-    clean_ratio: float = flag(0.05, "defender's clean labelled share of the training set (paper: 5%%)")
-    pool_poison_share: float = flag(-1.0, "Table 3: a pool of fixed size with this share poisoned (-1: all the rest)")
-    train_size: int = flag(0, "use only the first N training images (0: all)")
-    test_size: int = flag(0, "use only the first N test images (0: all)")
-    attack_epochs: int = flag(100, "epochs of backdoored training")
-    attack_lr: float = flag(0.01, "SGD lr of backdoored training")
-    attack_batch: int = flag(128, "batch of backdoored training")
-    attack_augment: bool = flag(True, "crop + flip while backdooring (the attacker's choice)")
-    attack_schedule: str = flag("cosine", "lr schedule of backdoored training: cosine to 0, or step (x0.1 at 50%% "
-                                          "and 75%% of the epochs)", choices=("cosine", "step"))
-    reference_epochs: int = flag(10, "epochs of the clean reference model (Trojan, Low-Frequency, ATTEQ-NN)")
-    reference_model: str = flag("", "a clean --arch state_dict to fit Trojan / Low-Frequency / ATTEQ-NN on")
-    # a model and data of your own (docs/your-model.md)
-    model: str = flag("", "backdoored model to purify (skips backdoored training): ours or a published layout, "
-                          "bare or under state_dict / model / net")
-    normalize: str = flag("", "inputs the model expects: MEAN,STD (one each, or C each) or a preset: cifar10, "
-                              "cifar100, imagenet; applied inside the backbone")
-    backdoor_dir: str = flag("", "with --model: triggered test images (any layout), all counted as --target for ASR")
-    clean_dir: str = flag("", "your clean labelled images: one sub-folder per class, sorted names = class indices")
-    unlabeled_dir: str = flag("", "your unlabelled images for stage 2, any layout (labels ignored)")
-    test_dir: str = flag("", "your labelled test images, same class folders, for ACC (and ASR of a rebuilt trigger)")
-    backdoorbench: str = flag("", "a BackdoorBench record folder (record/NAME): its model, data, poisoned pool and "
-                                  "bd_test; writes NAME/defense/ftt/ as its defences do (docs/your-model.md)")
-    clean_index: str = flag("", "with --backdoorbench: the clean subset's training-set indices, one per line "
-                                "(BackdoorBench's --index file)")
-    # the run
-    seed: int = flag(0, "seed of poisoning, splits, init and training")
-    device: str = flag("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
-    data_root: str = flag("./data", "where datasets are read from or downloaded to")
-    out: str = flag("runs/ftt", "results JSON, log and purified backbone go here")
-    cache: str = flag("./cache", "fitted triggers and reference models are cached here")
-    overwrite: bool = flag(False, "allow an --out that already holds results or a checkpoint")
-    resume: bool = flag(False, "continue the killed run in --out from its last finished epoch")
-    channels_last: bool = flag(True, "NHWC memory format (faster convolutions, CPU and GPU)")
-    compile: bool = flag(False, "torch.compile the attacker's training (with reduce-overhead on a GPU: 2.5x)")
-    compile_mode: str = flag("reduce-overhead", "torch.compile's mode with --compile",
-                             choices=("default", "reduce-overhead", "max-autotune"))
-    eval_every: int = flag(5, "evaluate ACC and ASR every N epochs of each stage, and after the last (0: last only)")
-    quiet: bool = flag(False, "no per-epoch lines")
 
 
 # ================================================================================================

@@ -16,6 +16,7 @@ import re
 import sys
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +34,65 @@ DATASETS = ("cifar10", "cifar100", "fashion-mnist")
 ATTACK_CHOICES = attacks.ATTACKS + ("patch", "none")
 ARCHS = ("preact18", "wrn16-1", "resnet18", "resnet50")  # and any wrnD-K with D = 6n + 4, and tv:NAME
 SSL_POOLS = ("all", "drop-suspect")
+
+
+def flag(default, help: str, **meta):
+    """A Config field that is also a flag: its default, its --help line, and argparse's extras (choices, flag)."""
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class RunConfig:
+    """The knobs around the method: the experiment, a model of your own, the run (ftt.Config adds the method's)."""
+    # the experiment: data, attack, the attacker's training of the backdoored model (BackdoorBench's recipe)
+    dataset: str = flag("cifar10", "training and test data", choices=DATASETS)
+    arch: str = flag("preact18", "backbone: preact18, resnet18, resnet50, wrnD-K (wrn16-1: the paper's), or "
+                                 "tv:NAME, torchvision's own (e.g. tv:vgg19_bn)")
+    attack: str = flag("badnets", "backdoor attack; patch: the --trigger PNG; none: with --model only, the pool is "
+                                  "not poisoned (ASR from --backdoor-dir, if given)", choices=ATTACK_CHOICES)
+    trigger: str = flag("", "--attack patch: a PNG with alpha of the input size; alpha marks and blends the trigger")
+    poison_rate: float = flag(0.1, "share of the whole training set poisoned (BackdoorBench: 0.1)")
+    clean_label: bool = flag(False, "poison target-class images only, labels kept (a clean-label attack's pool)")
+    target: int = flag(0, "all-to-one target class")
+    clean_ratio: float = flag(0.05, "defender's clean labelled share of the training set (paper: 5%%)")
+    pool_poison_share: float = flag(-1.0, "Table 3: a pool of fixed size with this share poisoned (-1: all the rest)")
+    train_size: int = flag(0, "use only the first N training images (0: all)")
+    test_size: int = flag(0, "use only the first N test images (0: all)")
+    attack_epochs: int = flag(100, "epochs of backdoored training")
+    attack_lr: float = flag(0.01, "SGD lr of backdoored training")
+    attack_batch: int = flag(128, "batch of backdoored training")
+    attack_augment: bool = flag(True, "crop + flip while backdooring (the attacker's choice)")
+    attack_schedule: str = flag("cosine", "lr schedule of backdoored training: cosine to 0, or step (x0.1 at 50%% "
+                                          "and 75%% of the epochs)", choices=("cosine", "step"))
+    reference_epochs: int = flag(10, "epochs of the clean reference model (Trojan, Low-Frequency, ATTEQ-NN)")
+    reference_model: str = flag("", "a clean --arch state_dict to fit Trojan / Low-Frequency / ATTEQ-NN on")
+    # a model and data of your own (docs/your-model.md)
+    model: str = flag("", "backdoored model to purify (skips backdoored training): ours or a published layout, "
+                          "bare or under state_dict / model / net")
+    normalize: str = flag("", "inputs the model expects: MEAN,STD (one each, or C each) or a preset: cifar10, "
+                              "cifar100, imagenet; applied inside the backbone")
+    backdoor_dir: str = flag("", "with --model: triggered test images (any layout), all counted as --target for ASR")
+    clean_dir: str = flag("", "your clean labelled images: one sub-folder per class, sorted names = class indices")
+    unlabeled_dir: str = flag("", "your unlabelled images for stage 2, any layout (labels ignored)")
+    test_dir: str = flag("", "your labelled test images, same class folders, for ACC (and ASR of a rebuilt trigger)")
+    backdoorbench: str = flag("", "a BackdoorBench record folder (record/NAME): its model, data, poisoned pool and "
+                                  "bd_test; writes NAME/defense/ftt/ as its defences do (docs/your-model.md)")
+    clean_index: str = flag("", "with --backdoorbench: the clean subset's training-set indices, one per line "
+                                "(BackdoorBench's --index file)")
+    # the run
+    seed: int = flag(0, "seed of poisoning, splits, init and training")
+    device: str = flag("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
+    data_root: str = flag("./data", "where datasets are read from or downloaded to")
+    out: str = flag("runs/ftt", "results JSON, log and purified backbone go here")
+    cache: str = flag("./cache", "fitted triggers and reference models are cached here")
+    overwrite: bool = flag(False, "allow an --out that already holds results or a checkpoint")
+    resume: bool = flag(False, "continue the killed run in --out from its last finished epoch")
+    channels_last: bool = flag(True, "NHWC memory format (faster convolutions, CPU and GPU)")
+    compile: bool = flag(False, "torch.compile the attacker's training (with reduce-overhead on a GPU: 2.5x)")
+    compile_mode: str = flag("reduce-overhead", "torch.compile's mode with --compile",
+                             choices=("default", "reduce-overhead", "max-autotune"))
+    eval_every: int = flag(5, "evaluate ACC and ASR every N epochs of each stage, and after the last (0: last only)")
+    quiet: bool = flag(False, "no per-epoch lines")
 
 
 class DataError(Exception):
@@ -635,8 +695,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def add_flags(ap: argparse.ArgumentParser, cls, help: bool = True) -> None:
-    """One flag per field of the dataclass cls: --field-name (or metadata["flag"]), its type, default, choices."""
-    for f in dataclasses.fields(cls):
+    """One flag per field of the dataclass cls: --field-name (or metadata["flag"]), its type, default, choices;
+    cls's own fields first (ftt.Config's method, then RunConfig's experiment and run)."""
+    own = cls.__dict__.get("__annotations__", {})
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         kw = {"dest": f.name, "default": f.default}
         if help:
