@@ -57,8 +57,8 @@ class Config(RunConfig):
     sad_lr: float = flag(0.01, "stage 1 SGD lr, the first rung of the lr ladder")
     sad_lr_max: float = flag(0.1, "top of the ladder: while the pool check says the backdoor survived, SAD reruns "
                                   "from the backdoored model at the next 1-3-10 step; FT, FP and NAD train at it")
-    sad_early_check: float = flag(0.0, "beyond the paper: the pool check also after this share of each SAD attempt "
-                                       "below the ladder's top; the ladder climbs at once if it fails (0: at the end only)")
+    sad_early_check: float = flag(0.25, "beyond the paper: the pool check also after this share of each SAD attempt "
+                                        "below the ladder's top; the ladder climbs at once if it fails (0: at the end only)")
     sad_schedule: str = flag("cosine", "stage 1 lr schedule, also FT's and NAD's: cosine to 0, or nad (NAD's code: "
                                        "full lr for 10%% of the epochs, then a tenth)", choices=("cosine", "nad"))
     # eq. (5)-(7)

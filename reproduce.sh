@@ -19,6 +19,7 @@
 #             models (SRC: their folder, ROWS: which rows, SCHEDULES: which), and FTT(SAD+SSL) with NAD's
 #   stage2    stage 2 variants (FixMatch's one pass, BatchNorm momentum, no decay, --teacher) on development
 #             models, chosen on held-out clean images and the pool check (issue 22)
+#   pool-trajectory  the pool check after every SAD epoch on stage2's development models (--sad-early-check)
 #   third-party-table  released backdoored models (THIRD_PARTY=DIR) purified by FTT, FT and NAD at their defaults,
 #             with the clean model's ASR on each trigger (the floor); evaluation only, never for choosing
 #   third-party-before  every released model (THIRD_PARTY=DIR) read through --model with its trigger and
@@ -408,6 +409,52 @@ for f in sys.argv[1:]:
           f"{f2(g('ssl', 'acc_held_out'))} | {f2((g('sad', 'pool') or {}).get('suspect_pp'))} / {f2((g('ssl', 'pool') or {}).get('suspect_pp'))} | "
           f"{f2(g('ssl', 'acc'))} / {f2(g('ssl', 'asr'))} | {f2((g('before', 'bn_pool') or {}).get('acc'))} / "
           f"{f2((g('ssl', 'bn_pool') or {}).get('acc'))} | {r['timings']['total_s'] / 60:.1f} |")
+PY
+    ;;
+  pool-trajectory)
+    # issue 22: the pool check after every SAD epoch (no stopping), on stage2's development models, to choose
+    # --sad-early-check on defender data: does a check part of the way agree with the check at the end?
+    # ROWS (badnets-s0 blended-s0), LRS (0.01 0.03), TRAIN_SIZE (20000; stage2 trains the attackers).
+    size=${TRAIN_SIZE:-20000}; dir="$RUNS/stage2-n$size"
+    for r in ${ROWS:-badnets-s0 blended-s0}; do
+      for lr in ${LRS:-0.01 0.03}; do
+        [ -f "$dir/$r/pool-trajectory-lr$lr.json" ] && continue
+        python3 - "$dir/$r/pool-trajectory-lr$lr.json" --dataset cifar10 --data-root "${DATA_ROOT:-./data}" --arch wrn16-1 \
+          --attack "${r%-s*}" --seed "${r##*-s}" --train-size "$size" --model "$dir/$r/attacker/backdoored.pt" \
+          --sad-lr "$lr" --quiet --out "$dir/$r/pool-trajectory" --overwrite "$@" <<'PY'
+import dataclasses, json, sys
+import torch
+import ftt
+from attacker import make_trigger
+from harness import RunLog
+from loading import prepare
+p = prepare(ftt.parse_args(sys.argv[2:]), ftt.build_backbone, make_trigger)
+cfg, dev, k = p["cfg"], p["device"], p["num_classes"]
+x_l, y_l, x_u = p["x_l"].to(dev), p["y_l"].to(dev), p["x_u"].to(dev)
+check = ftt.PoolCheck(p["model"], x_u, y_l, k, cfg, dev)
+net = ftt.Branched(p["model"], tuple(x_l.shape[1:]), k).to(dev, memory_format=torch.channels_last)
+rows = []
+def every_epoch(e):  # never stops: records what --sad-early-check would see after epoch e
+    part = {}
+    rows.append({"epoch": e, "survived": check.after(f"epoch {e}", net.backbone, part), **part["pool"]})
+ftt.stage1_sad(net, x_l, y_l, cfg, dev, RunLog(quiet=True), None, every_epoch)
+part = {}
+rows.append({"epoch": cfg.sad_epochs, "survived": check.after("the end", net.backbone, part), **part["pool"]})
+json.dump({"lr": cfg.sad_lr, "before": ftt.pool_report(check.excess), "fails_above_pp": 100 * ftt.POOL_KEEP *
+           float(check.excess[check.suspect]), "rows": rows}, open(sys.argv[1], "w"), indent=1)
+PY
+      done
+    done
+    python3 - "$dir"/*/pool-trajectory-lr*.json <<'PY'
+import json, sys
+runs = {"/".join(f.split("/")[-2:])[:-5]: json.load(open(f)) for f in sys.argv[1:]}
+print("\nThe pool check after each SAD epoch (./reproduce.sh pool-trajectory): the suspect class's excess (points); "
+      "* = the check fails (the backdoor survived)\n")
+print("| epoch | " + " | ".join(f"{n} (fails above {r['fails_above_pp']:.2f})" for n, r in runs.items()) + " |")
+print("|---" * (len(runs) + 1) + "|")
+for i in range(len(next(iter(runs.values()))["rows"])):
+    cells = [runs[n]["rows"][i] for n in runs]
+    print(f"| {cells[0]['epoch']} | " + " | ".join(f"{c['suspect_pp']:.2f}{' *' if c['survived'] else ''}" for c in cells) + " |")
 PY
     ;;
   third-party-table)
