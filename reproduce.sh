@@ -371,7 +371,8 @@ PY
     # issue 22: stage 2 variants on development models, chosen on the defender's data: ACC on held-out clean images
     # (with TRAIN_SIZE: --holdout-unseen UNSEEN, 2000 training images past TRAIN_SIZE that the attacker never saw;
     # without: --holdout 0.2, 500 of the 2,500 clean images, which the attacker trained on); the pool check speaks
-    # for the backdoor. ROWS (badnets-s0), PASSES (SSL passes, 2), VARIANTS (names below), TRAIN_SIZE (0: all 50,000;
+    # for the backdoor. ROWS (badnets-s0), PASSES (SSL passes, 2), VARIANTS (names below; paper: the paper's stage 2),
+    # BASELINES (e.g. "ft nad"), TRAIN_SIZE (0: all 50,000;
     # on 2 cores 20000 keeps a variant near 6 minutes). The attacker: benchmark's recipe, or benchmark's own model.
     size=${TRAIN_SIZE:-0}; dir="$RUNS/stage2$([ "$size" = 0 ] || echo "-n$size")"; rows=${ROWS:-badnets-s0}; passes=${PASSES:-2}
     hold=(--holdout 0.2); tag=""
@@ -379,9 +380,9 @@ PY
     declare -A how=([split]="--ssl-forward split --teacher none" [one]="--ssl-forward one --teacher none"
       [fixmatch]="--ssl-forward one --ssl-bn-momentum 0.001 --no-ssl-decay-all --teacher none"
       [fixmatch-teacher]="--ssl-forward one --ssl-bn-momentum 0.001 --no-ssl-decay-all --teacher soft"
-      [one-teacher]="--ssl-forward one --teacher soft")
+      [one-teacher]="--ssl-forward one --teacher soft" [paper]="$PAPER_SSL")
     variants=${VARIANTS:-split one fixmatch fixmatch-teacher}
-    CELLS=$(( ($(echo $variants | wc -w) + 1) * $(echo $rows | wc -w) ))
+    CELLS=$(( ($(echo $variants ${BASELINES:-} | wc -w) + 1) * $(echo $rows | wc -w) ))
     for r in $rows; do
       flags=(--dataset cifar10 --data-root "${DATA_ROOT:-./data}" --arch wrn16-1 --attack "${r%-s*}" --seed "${r##*-s}"
              --train-size "$size")
@@ -394,6 +395,9 @@ PY
       for v in $variants; do
         cell "$dir/$r/$v-p$passes$tag" ftt.py "${flags[@]}" --model "$model" "${hold[@]}" --ssl-epochs "$passes" \
           ${how[$v]} --quiet "$@"
+      done
+      for b in ${BASELINES:-}; do  # e.g. "ft nad": the paper's claim (a) beside FTT(SAD), at their defaults
+        cell "$dir/$r/$b" baselines.py --method "$b" "${flags[@]}" --model "$model" --quiet "$@"
       done
     done
     python3 - "$dir"/*/*-p*/results.json <<'PY' | tee "$dir/table.md"
