@@ -231,7 +231,8 @@ def test_a_run_killed_in_its_second_sad_attempt_resumes_that_attempt(tmp_path):
     # lr 1e-6 then 3e-6: both leave the backdoor, so the pool check sends SAD round twice; killed inside
     # the second attempt, the resumed run continues that attempt (not the first) and ends like the whole run
     needs_fashion()
-    flags = SURVIVE + ["--sad-lr", "1e-6", "--sad-lr-max", "3e-6", "--ssl-epochs", "1", "--cache", str(tmp_path / "c")]
+    flags = SURVIVE + ["--sad-lr", "1e-6", "--sad-lr-max", "3e-6", "--sad-early-check", "0",  # whole attempts
+                       "--ssl-epochs", "1", "--cache", str(tmp_path / "c")]
     rc, log = run_ftt(flags, tmp_path / "whole")
     assert rc == 0 and "SAD again from the backdoored model at lr 3e-06" in log, log
     rc, log = run_ftt(flags, tmp_path / "cut", kill_at="sad epoch   2/3", nth=2)
