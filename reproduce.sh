@@ -426,7 +426,7 @@ PY
         python3 - "$dir/$r/pool-trajectory-lr$lr.json" --dataset cifar10 --data-root "${DATA_ROOT:-./data}" --arch wrn16-1 \
           --attack "${r%-s*}" --seed "${r##*-s}" --train-size "$size" --model "$dir/$r/attacker/backdoored.pt" \
           --sad-lr "$lr" --quiet --out "$dir/$r/pool-trajectory" --overwrite "$@" <<'PY'
-import dataclasses, json, sys
+import json, sys
 import torch
 import ftt
 from attacker import make_trigger
@@ -436,7 +436,8 @@ p = prepare(ftt.parse_args(sys.argv[2:]), ftt.build_backbone, make_trigger)
 cfg, dev, k = p["cfg"], p["device"], p["num_classes"]
 x_l, y_l, x_u = p["x_l"].to(dev), p["y_l"].to(dev), p["x_u"].to(dev)
 check = ftt.PoolCheck(p["model"], x_u, y_l, k, cfg, dev)
-net = ftt.Branched(p["model"], tuple(x_l.shape[1:]), k).to(dev, memory_format=torch.channels_last)
+layout = torch.channels_last if cfg.channels_last else torch.preserve_format
+net = ftt.Branched(p["model"], tuple(x_l.shape[1:]), k).to(dev, memory_format=layout)
 rows = []
 def every_epoch(e):  # never stops: records what --sad-early-check would see after epoch e
     part = {}
