@@ -12,11 +12,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attacks
-from ftt import Config, attention_sum_p, build_backbone, penultimate, stage_outputs
+from ftt import Config, attention_sum_p, build_backbone, stage_outputs
 from harness import SCHEDULES, ConfigError, RunLog, RunState, to_input, train_supervised
 from loading import load_model
 
 Tensor = torch.Tensor
+
+
+def penultimate(backbone: nn.Module, x: Tensor) -> Tensor:
+    """The pooled feature the last nn.Linear reads (TrojanNN's neurons): (B, C, H, W) -> (B, D)."""
+    return backbone.head[:-1](stage_outputs(backbone, x)[-1])
 
 
 def clean_reference(cfg: Config, x: Tensor, y: Tensor, num_classes: int, device: torch.device) -> nn.Module:

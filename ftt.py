@@ -3,17 +3,15 @@
 Stage 1, SAD: early exits after every stage but the last; train on a small clean labelled set with the
 exit-weighted cross-entropy (eq. 1) plus the attention presentation loss to the deepest feature (eq. 2-5).
 Stage 2, SSL: the poisoned pool, labels thrown away, joins through per-exit FixMatch pseudo-labels (eq. 6, 7).
-Measured here (docs/results.md; `./reproduce.sh benchmark`, CIFAR-10, WRN-16-1, BadNets / Blended / Trojan x 2
-seeds, n = 6, 2 CPU cores, stage 2 without --teacher): ASR 98.68 -> 1.59, ACC 84.17 -> 82.12; the paper's SSL
-accuracy gain did not appear. --teacher soft (the default since) gave about 3 points back on two development models.
+Measured (docs/results.md, 2 CPU cores): on five backdoored WRN-16-1 models other groups released, ASR 99.69 -> 4.27
+and ACC 84.87 -> 84.07 (means; `./reproduce.sh third-party-table`). The paper's +9 points from SSL did not appear.
 
   eq. (1)  exit_weights, exit_cross_entropy     eq. (5)  ap_loss, reduce_ap (the batch reduction is ours)
   eq. (2)  attention_sum                        eq. (6)  pseudo_labels
   eq. (3)  attention_sum_p                      eq. (7)  sad_loss (labelled half), ssl_loss (unlabelled half)
   eq. (4)  attention_max_p                      stages   stage1_sad, stage2_ssl; library entry point: purify
-Beyond the paper (functions below "Beyond the paper"): the pool check, SAD's lr ladder, drop-suspect, --teacher.
-Beside this file: augment.py (batched views), loading.py (checkpoints, data), harness.py (log, resume, CLI),
-attacker.py (the replication's attacker: its trigger and training).
+Beyond the paper (below "Beyond the paper"): the pool check, SAD's lr ladder, drop-suspect, --teacher, --prior-shift.
+Beside it: augment.py (views), loading.py (checkpoints, data), harness.py (log, resume, CLI), attacker.py (attacks).
 """
 from __future__ import annotations
 
@@ -40,12 +38,12 @@ from harness import (ARCHS, SSL_POOLS, SCHEDULES, FiniteWatch, RunConfig, RunLog
 from loading import prepare, torchvision_backbone, write_defense_result
 
 Tensor = torch.Tensor
+SSL_STEPS = ("split", "one", "two")  # --ssl-forward
 
 
 # ================================================================================================
 # Config: every knob of the method, the flags its fields (the experiment's and the run's: harness.RunConfig).
-# Defaults: the paper's CIFAR-10 / PreActResNet-18 setting, with stage budgets that fit 2 CPU cores on
-# WRN-16-1 (docs/results.md says why each was chosen).
+# Defaults: the paper's CIFAR-10 setting, stage budgets that fit 2 CPU cores on WRN-16-1 (docs/results.md: why).
 # ================================================================================================
 
 @dataclass
@@ -77,9 +75,9 @@ class Config(RunConfig):
     threshold: float = flag(0.95, "pseudo-label confidence threshold t, eq. (6)")
     batch_size: int = flag(64, "labelled batch of both stages (paper: 64)")
     ema: float = flag(0.999, "stage 2 keeps, evaluates and saves an EMA of the weights with this decay (0: none)")
-    ssl_forward: str = flag("one", "stage 2's step: one (FixMatch: labelled, weak and strong views in one trained "
-                                   "pass) or split (weak views without gradient, BatchNorm statistics left alone; "
-                                   "needs --teacher none)", choices=("split", "one"))
+    ssl_forward: str = flag("one", "stage 2's step: one (FixMatch: labelled, weak, strong views in one trained pass), "
+                                   "split (weak views without gradient or BatchNorm update; needs --teacher none), "
+                                   "two (weak views without gradient; --teacher on the strong view)", choices=SSL_STEPS)
     ssl_bn_momentum: float = flag(0.0, "BatchNorm momentum during stage 2 (FixMatch: 0.001; 0: the model's own)")
     ssl_decay_all: bool = flag(True, "stage 2's weight decay on every tensor (FixMatch: none on biases and "
                                      "BatchNorm's weights)")
@@ -88,6 +86,8 @@ class Config(RunConfig):
                                 "stage 2); off, with a line, when the pool shows no suspect class",
                         choices=("none", "hard", "soft"))
     teacher_weight: float = flag(1.0, "weight of --teacher's cross-entropy beside eq. (7)")
+    prior_shift: bool = flag(False, "beyond the paper: after stage 2, raise the suspect class's bias to its clean "
+                                    "share of the pool (more ACC, and more ASR, which the pool check cannot see)")
     holdout: float = flag(0.0, "share of the clean subset kept out of both stages: ACC on defender data")
     holdout_unseen: int = flag(0, "N clean training images past --train-size (the attacker never trained on them) "
                                   "kept out of both stages: ACC on defender data that no model memorised")
@@ -116,11 +116,6 @@ class Backbone(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(stage_outputs(self, x)[-1])
-
-
-def penultimate(backbone: nn.Module, x: Tensor) -> Tensor:
-    """Pooled feature fed to the final nn.Linear: (B, C, H, W) -> (B, D)."""
-    return backbone.head[:-1](stage_outputs(backbone, x)[-1])
 
 
 class PreActBlock(nn.Module):
@@ -179,32 +174,19 @@ class WideResNet(Backbone):
         self.head = classifier_head(c, num_classes, preact=True)
 
 
-class BasicBlock(nn.Module):
-    """ResNet's basic block (He et al. 2016): two 3x3 convs, the sum then ReLU."""
+class ResBlock(nn.Module):
+    """ResNet's blocks (He et al. 2016), the sum then ReLU: basic (two 3x3 convs, expansion 1) or bottleneck (1x1,
+    3x3, 1x1 to 4 x width)."""
 
-    expansion = 1
-
-    def __init__(self, c_in: int, width: int, stride: int):
+    def __init__(self, c_in: int, width: int, stride: int, bottleneck: bool = False):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(c_in, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                                  nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width))
-        self.shortcut = (nn.Sequential(nn.Conv2d(c_in, width, 1, stride, bias=False), nn.BatchNorm2d(width))
-                         if stride != 1 or c_in != width else nn.Identity())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.body(x) + self.shortcut(x))
-
-
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, c_in: int, width: int, stride: int):
-        super().__init__()
-        c_out = 4 * width
-        self.body = nn.Sequential(
-            nn.Conv2d(c_in, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        c_out = 4 * width if bottleneck else width
+        convs = ([(c_in, width, 1, 1), (width, width, 3, stride), (width, c_out, 1, 1)] if bottleneck
+                 else [(c_in, width, 3, stride), (width, width, 3, 1)])
+        layers = []
+        for ci, co, size, st in convs:
+            layers += [nn.Conv2d(ci, co, size, st, size // 2, bias=False), nn.BatchNorm2d(co), nn.ReLU()]
+        self.body = nn.Sequential(*layers[:-1])
         self.shortcut = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
                          if stride != 1 or c_in != c_out else nn.Identity())
 
@@ -216,15 +198,15 @@ class ResNet(Backbone):
     """ResNet for 32 px inputs (pytorch-cifar's): 3x3 stem, no max-pool; ResNet-18: basic blocks [2, 2, 2, 2],
     ResNet-50: bottlenecks [3, 4, 6, 3]. torchvision's own ImageNet ResNets are --arch tv:resnet18 etc."""
 
-    def __init__(self, block: type, counts: tuple[int, ...], in_channels: int = 3, num_classes: int = 100):
+    def __init__(self, bottleneck: bool, counts: tuple[int, ...], in_channels: int = 3, num_classes: int = 100):
         super().__init__()
         self.normalize = nn.Identity()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
-        c, stages = 64, []
+        c, stages, expansion = 64, [], 4 if bottleneck else 1
         for width, n, s in zip((64, 128, 256, 512), counts, (1, 2, 2, 2)):
-            stages.append(nn.Sequential(*[block(c if i == 0 else block.expansion * width, width, s if i == 0 else 1)
-                                          for i in range(n)]))
-            c = block.expansion * width
+            stages.append(nn.Sequential(*[ResBlock(c if i == 0 else expansion * width, width, s if i == 0 else 1,
+                                                   bottleneck) for i in range(n)]))
+            c = expansion * width
         self.stages = nn.ModuleList(stages)
         self.head = classifier_head(c, num_classes, preact=False)
 
@@ -236,9 +218,9 @@ def build_backbone(arch: str, in_channels: int, num_classes: int, head_bn: bool 
         depth, width = arch[3:].split("-")
         return WideResNet(int(depth), int(width), in_channels, num_classes)
     if arch == "resnet18":
-        return ResNet(BasicBlock, (2, 2, 2, 2), in_channels, num_classes)
+        return ResNet(False, (2, 2, 2, 2), in_channels, num_classes)
     if arch == "resnet50":
-        return ResNet(Bottleneck, (3, 4, 6, 3), in_channels, num_classes)
+        return ResNet(True, (3, 4, 6, 3), in_channels, num_classes)
     if arch.startswith("tv:"):  # torchvision's own model, cut into stem / stages / head
         return torchvision_backbone(arch[3:], in_channels, num_classes)
     raise ValueError(f"--arch: unknown backbone {arch!r}; choose from {', '.join(ARCHS)}")
@@ -251,8 +233,7 @@ def build_backbone(arch: str, in_channels: int, num_classes: int, head_bn: bool 
 # ================================================================================================
 
 def sep_conv(c_in: int, c_out: int, stride: int) -> nn.Sequential:
-    """Separable conv block: depthwise 3x3 (stride), pointwise, BN, ReLU, depthwise 3x3, pointwise
-    to c_out, BN, ReLU: (B, c_in, H, W) -> (B, c_out, H / stride, W / stride)."""
+    """Separable conv (dw 3x3 stride, pw, BN, ReLU, dw 3x3, pw, BN, ReLU): (B, c_in, H, W) -> (B, c_out, H/s, W/s)."""
     return nn.Sequential(
         nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False), nn.Conv2d(c_in, c_in, 1, bias=False),
         nn.BatchNorm2d(c_in), nn.ReLU(),
@@ -347,8 +328,7 @@ def reduce_ap(d: Tensor, how: str = "sum", keep: Tensor | None = None) -> Tensor
 
 
 def exit_weights(n_exits: int) -> list[float]:
-    """eq. (1)'s weights: exit i of n gets i / n, rising with depth, the deepest classifier 1.
-    The paper says only that the weights increase with depth."""
+    """eq. (1)'s weights: exit i of n gets i / n, the deepest 1 (the paper says only that they rise with depth)."""
     return [(i + 1) / n_exits for i in range(n_exits)]
 
 
@@ -432,9 +412,9 @@ def sad_forward(net: Branched, xb: Tensor, yb: Tensor, weights: list[float], cfg
 def ssl_forward(net: Branched, xb: Tensor, yb: Tensor, u_weak: Tensor, u_strong: Tensor, weights: list[float],
                 cfg: Config, device: torch.device, teacher: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """eq. (7) whole for one step: per-exit pseudo-labels (eq. 6) from the weak view of the unlabelled batch, the
-    labelled batch xb and the strong view trained. --ssl-forward split: the weak view in a pass of its own, without
-    gradient, BatchNorm's running statistics left alone; one: all three in one trained pass, as FixMatch (its
-    BatchNorm statistics come from all three). teacher (--teacher, beyond the paper): targets for the weak view.
+    labelled batch xb and the strong view trained. --ssl-forward one: all three in one trained pass, as FixMatch
+    (BatchNorm's statistics from all three); split: the weak view in a no-grad pass that leaves them alone; two: in
+    one that updates them. teacher (--teacher, beyond the paper): targets for the weak (one) or strong view (two).
     -> (loss, (ce_l, ap_l, ce_u, ap_u, teacher CE, share of pseudo-labels kept at each exit, deepest last))."""
     n, m = len(xb), len(u_weak)
     if cfg.ssl_forward == "one":
@@ -442,7 +422,7 @@ def ssl_forward(net: Branched, xb: Tensor, yb: Tensor, u_weak: Tensor, u_strong:
             logits, feats = net(to_input(torch.cat([xb, u_weak, u_strong]), cfg.channels_last))
         logits_u_w, strong = [z[n:n + m] for z in logits], slice(n + m, None)
     else:
-        with torch.no_grad(), autocast(device), frozen_bn_stats(net):
+        with torch.no_grad(), autocast(device), frozen_bn_stats(net) if cfg.ssl_forward == "split" else nullcontext():
             logits_u_w, _ = net(to_input(u_weak, cfg.channels_last))
         with autocast(device):
             logits, feats = net(to_input(torch.cat([xb, u_strong]), cfg.channels_last))
@@ -452,7 +432,8 @@ def ssl_forward(net: Branched, xb: Tensor, yb: Tensor, u_weak: Tensor, u_strong:
                                   weights, cfg.beta, cfg.p, cfg.detach_deep, cfg.ap_reduce)
     loss_u, ce_u, ap_u = ssl_loss([z[strong] for z in logits], [f[strong] for f in feats], pseudo,
                                   weights, cfg.beta, cfg.lambda_u, cfg.p, cfg.detach_deep, cfg.ap_reduce)
-    ce_t = teacher_loss(logits_u_w[-1], teacher) if teacher is not None else loss_u.new_zeros(())
+    taught = logits_u_w[-1] if cfg.ssl_forward == "one" else logits[-1][strong]  # the view with a gradient
+    ce_t = teacher_loss(taught, teacher) if teacher is not None else loss_u.new_zeros(())
     masks = [(q >= 0).float().mean() for q in pseudo]
     return loss_x + loss_u + cfg.teacher_weight * ce_t, torch.stack([ce_l, ap_l, ce_u, ap_u, ce_t, *masks]).detach()
 
@@ -577,11 +558,9 @@ def class_excess(pred: Tensor, labels: Tensor, k: int) -> Tensor:
 
 def pool_report(excess: Tensor, suspect: int | None = None) -> dict:
     """class_excess -> JSON: its largest class, in percentage points, and the excess of `suspect`."""
-    top = int(excess.argmax())
-    report = {"class": top, "excess_pp": round(100 * float(excess[top]), 2)}
-    if suspect is not None:
-        report.update(suspect=suspect, suspect_pp=round(100 * float(excess[suspect]), 2))
-    return report
+    top, pp = int(excess.argmax()), lambda c: round(100 * float(excess[c]), 2)
+    extra = {"suspect": suspect, "suspect_pp": pp(suspect)} if suspect is not None else {}
+    return {"class": top, "excess_pp": pp(top), **extra}
 
 
 def survived(before: Tensor, after: Tensor, suspect: int) -> bool:
@@ -625,11 +604,19 @@ class PoolCheck:
                   "shows no excess of the target class; the check has nothing to see and is not used", flush=True)
             self.visible = False
 
+    def held_out_acc(self, model: nn.Module) -> dict:
+        """ACC on the held-out clean images, and on the suspect class's alone: {} without held-out images."""
+        if self.held_out is None:
+            return {}
+        (x, y), own = self.held_out, self.held_out[1] == (self.suspect if self.suspect is not None else -1)
+        pred = self.predict_on(model, x)
+        return {"acc_held_out": hit_rate(pred, y), **({"acc_held_out_suspect": hit_rate(pred[own], y[own])}
+                                                      if own.any() else {})}
+
     def after(self, stage: str, model: nn.Module, result: dict) -> bool:
         """result["pool"] for `model` after `stage`; True (and a warning line) when the backdoor survived; a
         warning line when most of the images that left the suspect class went to one other class (moved)."""
-        if self.held_out is not None:
-            result["acc_held_out"] = hit_rate(self.predict_on(model, self.held_out[0]), self.held_out[1])
+        result.update(self.held_out_acc(model))
         if self.excess is None:
             return False
         pred = self.predict(model)
@@ -683,6 +670,27 @@ def teacher_targets(model: nn.Module, x_pool: Tensor, check: PoolCheck, soft: bo
                            for i in range(0, len(x_pool), batch)])
     keep = probs.argmax(1) != check.suspect
     return probs * keep[:, None] if soft else torch.where(keep, probs.argmax(1), -1)
+
+
+@torch.no_grad()
+def prior_shift(model: nn.Module, check: PoolCheck, device: torch.device, channels_last: bool = True) -> dict:
+    """--prior-shift: add to the suspect class's bias in model.head[-1] the least shift (bisection; the share only
+    grows with it) that puts at least the clean subset's share of the pool probe in that class, which stage 2
+    without its pool images leaves short. The pool check reads those same two shares: it is blind afterwards.
+    -> {"class", "shift"} (shift 0: no suspect class, no bias, or the share was already there)."""
+    s, head = check.suspect, model.eval().head[-1]
+    if not check.visible or head.bias is None:
+        print("ftt: --prior-shift: no suspect class in the pool, or no bias: nothing shifted", flush=True)
+        return {"class": None, "shift": 0.0}
+    z = torch.cat([model(to_input(x, channels_last)).float() for x in check.probe.split(1024)])
+    share = lambda d: (torch.cat([z[:, :s], z[:, s:s + 1] + d, z[:, s + 1:]], 1).argmax(1) == s).float().mean()
+    target, lo, hi = (check.y_labelled == s).float().mean(), 0.0, float((z.amax(1) - z[:, s]).max()) + 1.0
+    if share(lo) >= target:
+        return {"class": s, "shift": 0.0}
+    for _ in range(30):
+        lo, hi = (lo, (lo + hi) / 2) if share((lo + hi) / 2) >= target else ((lo + hi) / 2, hi)
+    head.bias[s] += hi + 1e-4  # past the boundary: the layer's own arithmetic may round a tie the other way
+    return {"class": s, "shift": hi + 1e-4}
 
 
 def lr_ladder(start: float, top: float) -> list[float]:
@@ -759,6 +767,8 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
     k = num_classes or model.head[-1].out_features
     results = state.results if state else {}
     timings = {} if timings is None else timings
+    if held_out is not None and cfg.holdout > 0:
+        raise ValueError("purify: held_out and cfg.holdout both name held-out images; give one of them")
     x_l, y_l, x_u = x_labelled.to(device), y_labelled.to(device), x_pool.to(device)
     held_out = tuple(t.to(device) for t in held_out) if held_out is not None else None
     if cfg.holdout > 0:  # --holdout: ACC on clean images that no stage trains on, for choices made on defender data
@@ -770,8 +780,7 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
     if check.excess is not None:
         before["pool"] = pool_report(check.excess)
     before["acc_labelled"] = hit_rate(predictions(model, x_l, device, cfg.channels_last), y_l)
-    if held_out is not None:
-        before["acc_held_out"] = hit_rate(predictions(model, held_out[0], device, cfg.channels_last), held_out[1])
+    before.update(check.held_out_acc(model))
     probe = check.probe
 
     def diagnose(m: nn.Module, result: dict) -> None:  # ACC, ASR, RA with BatchNorm's statistics from the pool
@@ -794,6 +803,11 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
     if len(x_u) and cfg.ssl_epochs:
         purified = stage2_ssl(net, x_l, y_l, x_u, cfg, device, log, state, teacher)
         results["ssl"] = measured(log.measure("ssl", purified))
+        if cfg.prior_shift:  # beyond the paper; results["ssl"]: the model returned, after the shift
+            unshifted = {**results["ssl"], **check.held_out_acc(purified)}
+            shifted = results["prior_shift"] = prior_shift(purified, check, device, cfg.channels_last)
+            if shifted["shift"]:
+                shifted["unshifted"], results["ssl"] = unshifted, measured(log.evaluate(purified))
         check.after("ssl", purified, results["ssl"])
         diagnose(purified, results["ssl"])
     elif not cfg.quiet:
@@ -839,7 +853,9 @@ def main(cfg: Config) -> dict:
         model.compile(mode=cfg.compile_mode)  # in place: its state_dict keeps its keys
     t = time.time()
     steps_for = lambda arch: training_steps(cfg, arch, p["shape"], k, device)
-    est = estimate_run(cfg, cfg.arch, counts, device, train_attacker, steps_for)
+    expected = dict(counts, unlabelled=counts["unlabelled"] * (k - 1) // k) if cfg.ssl_pool == "drop-suspect" \
+        else counts  # drop-suspect leaves out about a class of the pool (and the triggered images among it)
+    est = estimate_run(cfg, cfg.arch, expected, device, train_attacker, steps_for)
     print(start_line(cfg, est, device, counts, train_attacker, steps_for), flush=True)
     timings["estimate_s"] = time.time() - t
     log = RunLog(p["evaluate"], cfg.eval_every, out / "log.jsonl", cfg.quiet, est)

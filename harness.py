@@ -158,8 +158,8 @@ def validate(cfg) -> None:
     for name in ("attack_batch", "batch_size", "mu", "attack_lr", "sad_lr", "sad_lr_max", "ssl_lr"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} must be > 0")
-    if getattr(cfg, "teacher", "none") != "none" and cfg.ssl_forward != "one":
-        raise ConfigError(f"--teacher {cfg.teacher}: needs --ssl-forward one (its loss trains the weak view's pass); "
+    if getattr(cfg, "teacher", "none") != "none" and cfg.ssl_forward == "split":
+        raise ConfigError(f"--teacher {cfg.teacher}: needs --ssl-forward one or two (a pass its loss can train); "
                           f"with --ssl-forward split give --teacher none")
     if not 0 <= getattr(cfg, "sad_early_check", 0) < 1:
         raise ConfigError(f"--sad-early-check: {cfg.sad_early_check} must lie in [0, 1) (0: the check at the end only)")
@@ -629,7 +629,7 @@ def estimate_run(cfg, arch: str, counts: dict, device: torch.device, train_attac
         eval_s = time_step(lambda: accuracy(model, x, y, device, cfg.channels_last), device, 1) / len(x)
         eval_set = (counts["test"] + counts["backdoor_test"]) * eval_s
         steps_ssl = max(counts["unlabelled"] // (cfg.mu * cfg.batch_size), 1) * cfg.ssl_epochs if counts["unlabelled"] else 0
-        timed = lambda stage: time_step(training_step(*kinds[stage]), device)
+        timed = lambda stage: time_step(training_step(*kinds[stage]), device, 3)
         est = {"attack": cfg.attack_epochs * math.ceil(counts["train"] / cfg.attack_batch) * timed("attack")
                if train_attacker and cfg.attack_epochs else 0.0,
                "sad": cfg.sad_epochs * math.ceil(counts["clean"] / cfg.batch_size) * timed("sad") if cfg.sad_epochs else 0.0,

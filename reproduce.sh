@@ -380,7 +380,9 @@ PY
     declare -A how=([split]="--ssl-forward split --teacher none" [one]="--ssl-forward one --teacher none"
       [fixmatch]="--ssl-forward one --ssl-bn-momentum 0.001 --no-ssl-decay-all --teacher none"
       [fixmatch-teacher]="--ssl-forward one --ssl-bn-momentum 0.001 --no-ssl-decay-all --teacher soft"
-      [one-teacher]="--ssl-forward one --teacher soft" [paper]="$PAPER_SSL")
+      [one-teacher]="--ssl-forward one --teacher soft" [two-teacher]="--ssl-forward two --teacher soft"
+      [one-teacher-prior]="--ssl-forward one --teacher soft --prior-shift"
+      [paper]="$PAPER_SSL")
     variants=${VARIANTS:-split one fixmatch fixmatch-teacher}
     CELLS=$(( ($(echo $variants ${BASELINES:-} | wc -w) + 1) * $(echo $rows | wc -w) ))
     for r in $rows; do
@@ -404,13 +406,14 @@ PY
 import json, sys
 print("\nStage 2 variants (./reproduce.sh stage2). Defender side: ACC on the held-out clean images (--holdout-unseen or --holdout), the pool's "
       "excess in the suspect class (points). Test side, not used to choose: ACC / ASR.\n")
-print("| run | held-out ACC before / SAD / SSL | pool excess SAD / SSL | test ACC / ASR after SSL | BN from pool: "
-      "test ACC before / SSL | minutes |\n|---|---|---|---|---|---|")
+print("| run | held-out ACC before / SAD / SSL | the suspect class's alone, before / SSL | pool excess SAD / SSL | "
+      "test ACC / ASR after SSL | BN from pool: test ACC before / SSL | minutes |\n|---|---|---|---|---|---|---|")
 for f in sys.argv[1:]:
     r = json.load(open(f)); m = r["results"]; g = lambda s, k: m.get(s, {}).get(k)
     f2 = lambda v: "-" if v is None else f"{v:.2f}"
     print(f"| {'/'.join(f.split('/')[-3:-1])} | {f2(g('before', 'acc_held_out'))} / {f2(g('sad', 'acc_held_out'))} / "
-          f"{f2(g('ssl', 'acc_held_out'))} | {f2((g('sad', 'pool') or {}).get('suspect_pp'))} / {f2((g('ssl', 'pool') or {}).get('suspect_pp'))} | "
+          f"{f2(g('ssl', 'acc_held_out'))} | {f2(g('before', 'acc_held_out_suspect'))} / {f2(g('ssl', 'acc_held_out_suspect'))} | "
+          f"{f2((g('sad', 'pool') or {}).get('suspect_pp'))} / {f2((g('ssl', 'pool') or {}).get('suspect_pp'))} | "
           f"{f2(g('ssl', 'acc'))} / {f2(g('ssl', 'asr'))} | {f2((g('before', 'bn_pool') or {}).get('acc'))} / "
           f"{f2((g('ssl', 'bn_pool') or {}).get('acc'))} | {r['timings']['total_s'] / 60:.1f} |")
 PY

@@ -376,32 +376,55 @@ def test_ssl_changes_the_weights_and_returns_their_average(tmp_path):
 
 
 def bn_inputs(net):
-    """Forward hooks on every BatchNorm of net: -> (calls, remove); calls: (layer, input, training) per call."""
+    """Forward hooks on every BatchNorm of net: -> (calls, remove); calls: (layer, input, training, its running
+    mean just after the call) per call."""
     calls = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out: calls.append((mod, inp[0].detach().clone(), mod.training)))
-             for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    hooks = [m.register_forward_hook(lambda mod, inp, out: calls.append(
+        (mod, inp[0].detach().clone(), mod.training, mod.running_mean.clone())))
+        for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     return calls, lambda: [h.remove() for h in hooks]
 
 
-@pytest.mark.parametrize("forward", ["one", "split"])
+@pytest.mark.parametrize("forward", ["one", "split", "two"])
 def test_stage_2_batchnorm_statistics_come_from_the_views_its_forward_trains(forward):
     # --ssl-forward one (FixMatch): labelled, weak and strong views in one pass in training mode, so with
     # momentum 1 every BatchNorm's running mean is the mean of exactly that concatenated batch; split: the weak
-    # pass leaves the statistics alone and they come from the labelled and strong views only
+    # pass leaves the statistics alone and they come from the labelled and strong views only; two: the weak pass
+    # sets them as well (then the labelled and strong pass, with momentum 1, replaces them)
     net, x_l, y_l, x_u, cfg = tiny_ssl_setup()
-    cfg = dataclasses.replace(cfg, ssl_forward=forward)
+    cfg = dataclasses.replace(cfg, ssl_forward=forward, teacher="none")
     net.train()
     xb, uw, us = x_l[:8], x_u[:16], x_u[16:32]
     calls, remove = bn_inputs(net)
+    first = next(m for m in net.modules() if isinstance(m, nn.BatchNorm2d))  # the first one the input meets
+    start = first.running_mean.clone()
     with harness.bn_momentum(net, 1.0):
         ftt.ssl_forward(net, xb, y_l[:8], uw, us, ftt.exit_weights(3), cfg, torch.device("cpu"))
     remove()
-    trained = [c for c in calls if c[0] is calls[0][0]]  # the first BatchNorm the input meets, every call of it
-    sizes = [len(inp) for _, inp, _ in trained]
-    assert all(training for _, _, training in calls)
+    trained = [c for c in calls if c[0] is first]
+    sizes = [len(inp) for _, inp, _, _ in trained]
+    assert all(training for _, _, training, _ in calls)
     assert sizes == ([8 + 16 + 16] if forward == "one" else [16, 8 + 16])
-    bn, inp, _ = trained[-1]
-    assert torch.allclose(bn.running_mean, inp.mean((0, 2, 3)), atol=1e-5)  # the trained pass set the statistics
+    if forward != "one":
+        _, weak_in, _, after_weak = trained[0]
+        assert torch.allclose(after_weak, weak_in.mean((0, 2, 3)), atol=1e-5) if forward == "two" else \
+            torch.equal(after_weak, start)
+    _, inp, _, _ = trained[-1]
+    assert torch.allclose(first.running_mean, inp.mean((0, 2, 3)), atol=1e-5)  # the trained pass set the statistics
+
+
+@pytest.mark.parametrize("forward", ["one", "two"])
+def test_the_teacher_trains_the_view_that_has_a_gradient(forward):
+    # one: the teacher's targets go on the weak view (it is trained in the one pass); two: the weak pass has no
+    # gradient, so they go on the strong view. Weak white, strong black: the deepest exit says 1 and 0.
+    cfg = ftt.Config(threshold=0.95, channels_last=False, ssl_forward=forward, teacher="hard")
+    net = TwoExits().train()
+    teacher = torch.zeros(4, dtype=torch.long)  # class 0: right for the strong view, wrong for the weak one
+    loss, parts = ftt.ssl_forward(net, solid(0)[:1], torch.tensor([0]), solid(255), solid(0), [1.0, 1.0], cfg,
+                                  torch.device("cpu"), teacher)
+    assert (parts[4] > 10) if forward == "one" else (parts[4] < 1e-6)
+    loss.backward()
+    assert net.scale.grad is not None
 
 
 def test_bn_momentum_sets_and_restores_every_batchnorm():
@@ -467,10 +490,52 @@ def test_teacher_targets_leave_out_the_suspect_class_and_refuse_without_one(caps
     assert "sees no suspect class" in capsys.readouterr().out
 
 
-def test_teacher_needs_the_one_pass_forward_and_holdout_a_share():
-    with pytest.raises(harness.ConfigError, match="--ssl-forward one"):
-        harness.validate(ftt.Config(ssl_forward="split"))  # the default teacher needs the one-pass forward
+class LinearHead(nn.Module):
+    """A model that is only its head: flattened pixels -> a linear layer with random weights."""
+    def __init__(self, d, k, g):
+        super().__init__()
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(d, k))
+        with torch.no_grad():
+            for q in self.head[-1].parameters():
+                q.copy_(torch.randn(q.shape, generator=g) * 3)
+
+    def forward(self, x):
+        return self.head(x)
+
+
+@given(st.integers(2, 5), st.integers(10, 60), seeds)
+def test_prior_shift_is_the_least_bias_that_gives_the_suspect_class_its_clean_share(k, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    model = LinearHead(4, k, g)
+
+    class Check:
+        visible, suspect = True, int(torch.randint(0, k, (1,), generator=g))
+        probe = torch.randint(0, 256, (n, 1, 2, 2), generator=g, dtype=torch.uint8)
+        y_labelled = torch.randint(0, k, (50,), generator=g)
+    s, before = Check.suspect, model.head[-1].bias.detach().clone()
+    share = lambda: (harness.predictions(model, Check.probe, torch.device("cpu"), False) == s).float().mean()
+    target, start = (Check.y_labelled == s).float().mean(), share()
+    out = ftt.prior_shift(model, Check(), torch.device("cpu"), False)
+    assert out["class"] == s and torch.equal(model.head[-1].bias[torch.arange(k) != s], before[torch.arange(k) != s])
+    assert share() >= target  # the suspect class holds at least its clean share of the probe...
+    if start >= target:
+        assert out["shift"] == 0.0 and torch.equal(model.head[-1].bias, before)  # ...which it may already have
+    else:  # ...with the least shift that does it
+        assert out["shift"] > 0 and model.head[-1].bias[s].item() == pytest.approx(float(before[s]) + out["shift"], abs=1e-5)
+        with torch.no_grad():
+            model.head[-1].bias[s] -= 2e-4  # the shift is the least within its bisection (and 1e-4 past it)
+        assert share() < target
+    Check.visible = False  # no suspect class: nothing moves
+    bias = model.head[-1].bias.clone()
+    assert ftt.prior_shift(model, Check(), torch.device("cpu"), False) == {"class": None, "shift": 0.0}
+    assert torch.equal(model.head[-1].bias, bias)
+
+
+def test_teacher_needs_a_trained_pass_and_holdout_a_share():
+    with pytest.raises(harness.ConfigError, match="--ssl-forward one or two"):
+        harness.validate(ftt.Config(ssl_forward="split"))  # the default teacher needs a pass it can train
     harness.validate(ftt.Config(ssl_forward="split", teacher="none"))  # the paper's split stage 2, without it
+    harness.validate(ftt.Config(ssl_forward="two"))
     with pytest.raises(harness.ConfigError, match="--holdout"):
         harness.validate(ftt.Config(holdout=1.0))
 
@@ -678,9 +743,14 @@ def test_purify_takes_plain_tensors_and_returns_the_trained_model_with_both_stag
     assert set(results) >= {"before", "sad", "ssl"} and results["sad"]["lr"] == cfg.sad_lr
     assert results["ssl"]["acc"] is None  # no evaluation was asked for: nothing is made up
     assert results["before"]["acc_held_out"] == acc_before and "acc_held_out" in results["sad"]
-    assert results["ssl"]["acc_held_out"] == harness.hit_rate(harness.predictions(purified, x_h, torch.device("cpu")), y_h)
+    pred = harness.predictions(purified, x_h, torch.device("cpu"))
+    own = y_h == results["before"]["pool"]["class"]  # the suspect class: ACC on its held-out images alone too
+    assert results["ssl"]["acc_held_out"] == harness.hit_rate(pred, y_h)
+    assert results["ssl"]["acc_held_out_suspect"] == harness.hit_rate(pred[own], y_h[own])
     assert set(purified.state_dict()) == set(before)  # the plain backbone, no exits
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="held_out and cfg.holdout"):  # two held-out sets: refused, none dropped
+        ftt.purify(model, x_l, y_l, x_pool, dataclasses.replace(cfg, holdout=0.25), held_out=(x_h, y_h))
 
 
 def all_in_class_0():
