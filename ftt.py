@@ -673,7 +673,7 @@ def teacher_targets(model: nn.Module, x_pool: Tensor, check: PoolCheck, soft: bo
 
 
 @torch.no_grad()
-def prior_shift(model: nn.Module, check: PoolCheck, device: torch.device, channels_last: bool = True) -> dict:
+def prior_shift(model: nn.Module, check: PoolCheck, channels_last: bool = True) -> dict:
     """--prior-shift: add to the suspect class's bias in model.head[-1] the least shift (bisection; the share only
     grows with it) that puts at least the clean subset's share of the pool probe in that class, which stage 2
     without its pool images leaves short. The pool check reads those same two shares: it is blind afterwards.
@@ -805,7 +805,7 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
         results["ssl"] = measured(log.measure("ssl", purified))
         if cfg.prior_shift:  # beyond the paper; results["ssl"]: the model returned, after the shift
             unshifted = {**results["ssl"], **check.held_out_acc(purified)}
-            shifted = results["prior_shift"] = prior_shift(purified, check, device, cfg.channels_last)
+            shifted = results["prior_shift"] = prior_shift(purified, check, cfg.channels_last)
             if shifted["shift"]:
                 shifted["unshifted"], results["ssl"] = unshifted, measured(log.evaluate(purified))
         check.after("ssl", purified, results["ssl"])

@@ -515,7 +515,7 @@ def test_prior_shift_is_the_least_bias_that_gives_the_suspect_class_its_clean_sh
     s, before = Check.suspect, model.head[-1].bias.detach().clone()
     share = lambda: (harness.predictions(model, Check.probe, torch.device("cpu"), False) == s).float().mean()
     target, start = (Check.y_labelled == s).float().mean(), share()
-    out = ftt.prior_shift(model, Check(), torch.device("cpu"), False)
+    out = ftt.prior_shift(model, Check(), False)
     assert out["class"] == s and torch.equal(model.head[-1].bias[torch.arange(k) != s], before[torch.arange(k) != s])
     assert share() >= target  # the suspect class holds at least its clean share of the probe...
     if start >= target:
@@ -527,7 +527,7 @@ def test_prior_shift_is_the_least_bias_that_gives_the_suspect_class_its_clean_sh
         assert share() < target
     Check.visible = False  # no suspect class: nothing moves
     bias = model.head[-1].bias.clone()
-    assert ftt.prior_shift(model, Check(), torch.device("cpu"), False) == {"class": None, "shift": 0.0}
+    assert ftt.prior_shift(model, Check(), False) == {"class": None, "shift": 0.0}
     assert torch.equal(model.head[-1].bias, bias)
 
 
