@@ -10,7 +10,7 @@ and ACC 84.87 -> 84.07 (means; `./reproduce.sh third-party-table`). The paper's 
   eq. (2)  attention_sum                        eq. (6)  pseudo_labels
   eq. (3)  attention_sum_p                      eq. (7)  sad_loss (labelled half), ssl_loss (unlabelled half)
   eq. (4)  attention_max_p                      stages   stage1_sad, stage2_ssl; library entry point: purify
-Beyond the paper (below "Beyond the paper"): the pool check, SAD's lr ladder, drop-suspect, --teacher, --prior-shift.
+Beyond the paper (marked so): the pool check, SAD's lr ladder, drop-suspect, --teacher, --suspect-draws, --prior-shift.
 Beside it: augment.py (views), loading.py (checkpoints, data), harness.py (log, resume, CLI), attacker.py (attacks).
 """
 from __future__ import annotations
@@ -68,8 +68,8 @@ class Config(RunConfig):
                           choices=("mean", "sum", "l2"))
     # stage 2: SSL (FixMatch: lr 0.03, Nesterov, t 0.95, mu 7, EMA 0.999)
     ssl_epochs: int = flag(5, "stage 2 epochs, each one pass over the unlabelled pool")
-    ssl_pool: str = flag("drop-suspect", "stage 2's unlabelled images: all of the pool (the paper), or without those "
-                                         "the backdoored model puts in the pool check's suspect class", choices=SSL_POOLS)
+    ssl_pool: str = flag("drop-suspect", "stage 2's unlabelled images: all (the paper) or all but the suspect class's",
+                         choices=SSL_POOLS)
     ssl_lr: float = flag(0.03, "stage 2 SGD lr (cosine to 0)")
     mu: int = flag(7, "unlabelled batch = mu x batch_size")
     threshold: float = flag(0.95, "pseudo-label confidence threshold t, eq. (6)")
@@ -79,18 +79,15 @@ class Config(RunConfig):
                                    "split (weak views without gradient or BatchNorm update; needs --teacher none), "
                                    "two (weak views without gradient; --teacher on the strong view)", choices=SSL_STEPS)
     ssl_bn_momentum: float = flag(0.0, "BatchNorm momentum during stage 2 (FixMatch: 0.001; 0: the model's own)")
-    ssl_decay_all: bool = flag(True, "stage 2's weight decay on every tensor (FixMatch: none on biases and "
-                                     "BatchNorm's weights)")
-    teacher: str = flag("soft", "beyond the paper: the backdoored model's own predictions on pool images outside "
-                                "the suspect class as targets on their weak views (soft, hard; none: the paper's "
-                                "stage 2); off, with a line, when the pool shows no suspect class",
-                        choices=("none", "hard", "soft"))
+    ssl_decay_all: bool = flag(True, "stage 2's weight decay on every tensor (FixMatch: not on biases, BatchNorm)")
+    teacher: str = flag("soft", "beyond the paper: the backdoored model's predictions on pool images outside the "
+                                "suspect class as targets on their weak views (soft, hard; none: the paper); off, with "
+                                "a line, when the pool shows no suspect class", choices=("none", "hard", "soft"))
     teacher_weight: float = flag(1.0, "weight of --teacher's cross-entropy beside eq. (7)")
-    prior_shift: bool = flag(False, "beyond the paper: after stage 2, raise the suspect class's bias to its clean "
-                                    "share of the pool (more ACC, and more ASR, which the pool check cannot see)")
+    suspect_draws: int = flag(1, "beyond the paper: stage 2 draws the suspect class's labelled images N times a cycle")
+    prior_shift: bool = flag(False, "beyond the paper: after stage 2, the suspect class's bias up to its clean share")
     holdout: float = flag(0.0, "share of the clean subset kept out of both stages: ACC on defender data")
-    holdout_unseen: int = flag(0, "N clean training images past --train-size (the attacker never trained on them) "
-                                  "kept out of both stages: ACC on defender data that no model memorised")
+    holdout_unseen: int = flag(0, "N clean images past --train-size (no model trained on them) kept out of both stages")
     momentum: float = flag(0.9, "SGD momentum, all training")
     weight_decay: float = flag(5e-4, "SGD weight decay, all training")
 
@@ -485,11 +482,18 @@ def ssl_schedule(n_unlabelled: int, cfg: Config) -> tuple[int, int]:
     return steps, steps * cfg.ssl_epochs
 
 
-def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config, device: torch.device,
-               log: RunLog, state: RunState | None = None, teacher: Tensor | None = None) -> nn.Module:
+def labelled_cycle(y: Tensor, suspect: int | None, draws: int) -> Tensor:
+    """Beyond the paper (--suspect-draws): one cycle of stage 2's labelled batches, indices into y (N,): every image
+    once, the suspect class's `draws` times (drop-suspect leaves that class no pool image, so no other target)."""
+    times = torch.where(y == (suspect if suspect is not None else -1), draws, 1)
+    return torch.arange(len(y), device=y.device).repeat_interleave(times)
+
+
+def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config, device: torch.device, log: RunLog,
+               state: RunState | None = None, teacher: Tensor | None = None, suspect: int | None = None) -> nn.Module:
     """Trains net on the labelled x_l, y_l and the unlabelled x_u (uint8 (N, C, H, W)) with eq. (7) whole;
-    teacher: --teacher's targets, one per image of x_u. -> the model to keep: with cfg.ema > 0 an exponential
-    moving average of the backbone's weights (evaluated every epoch and saved), else the backbone itself."""
+    teacher: --teacher's targets, one per image of x_u; suspect: labelled_cycle's. -> the model to keep: with
+    cfg.ema > 0 an exponential moving average of the weights (evaluated every epoch and saved), else the backbone."""
     weights = exit_weights(len(net.exits) + 1)
     b, bu = cfg.batch_size, cfg.mu * cfg.batch_size
     steps, total_steps = ssl_schedule(len(x_u), cfg)
@@ -498,7 +502,9 @@ def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config
     names = ["ce_l", "ap_l", "ce_u", "ap_u", "teacher"] + [f"mask{i}" for i in range(1, len(net.exits) + 1)] + \
         ["mask"]  # the share of pseudo-labels kept at exit i, and at the deepest
     ema = copy.deepcopy(net.backbone).requires_grad_(False) if cfg.ema > 0 else None
-    perm_l, pos_l = torch.randperm(len(x_l), device=x_l.device), 0
+    cycle = labelled_cycle(y_l, suspect, cfg.suspect_draws)
+    shuffled = lambda: cycle[torch.randperm(len(cycle), device=cycle.device)]
+    perm_l, pos_l = shuffled(), 0
     start, extra = state.restore("ssl", net, opt, sched) if state else (1, {})
     if extra:  # where the labelled cycle stood, and the average
         perm_l, pos_l = extra["perm_l"].to(x_l.device), extra["pos_l"]
@@ -510,8 +516,8 @@ def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config
         sums, watch, lr_now = torch.zeros(len(names), device=device), FiniteWatch(device), sched.get_last_lr()[0]
         perm_u = torch.randperm(len(x_u), device=x_u.device)
         for step in range(steps):
-            if pos_l + b > len(x_l):  # the labelled set is small: cycle through it, reshuffled
-                perm_l, pos_l = torch.randperm(len(x_l), device=x_l.device), 0
+            if pos_l + b > len(perm_l):  # the labelled set is small: cycle through it, reshuffled
+                perm_l, pos_l = shuffled(), 0
             idx_l, pos_l = perm_l[pos_l:pos_l + b], pos_l + b
             idx_u = perm_u[step * bu:(step + 1) * bu]
             u = x_u[idx_u]
@@ -548,10 +554,9 @@ POOL_MOVED = 0.5     # most of the images that left the suspect class (and POOL_
 
 
 def class_excess(pred: Tensor, labels: Tensor, k: int) -> Tensor:
-    """The share of the unlabelled pool that the model puts in each class, minus that class's share of the
-    clean labelled subset: (k,) in [-1, 1], summing to 0. The pool is the poisoned training set, so a
-    backdoored model sends its triggered images to the target: an excess there of about the pool's poisoned
-    share; a purified model's pool follows the clean labels, up to its own errors."""
+    """The share of the unlabelled pool the model puts in each class minus that class's share of the clean subset:
+    (k,) in [-1, 1], summing to 0. A backdoored model sends the pool's triggered images to the target, an excess of
+    about the pool's poisoned share; a purified model's pool follows the clean labels, up to its own errors."""
     share = lambda v: torch.bincount(v.flatten().cpu(), minlength=k).double() / max(v.numel(), 1)
     return share(pred) - share(labels)
 
@@ -564,16 +569,14 @@ def pool_report(excess: Tensor, suspect: int | None = None) -> dict:
 
 
 def survived(before: Tensor, after: Tensor, suspect: int) -> bool:
-    """The check's verdict from two class_excess vectors: the suspect class had a real excess (>= POOL_SIGNAL)
-    and keeps at least POOL_KEEP of it. The excess is about the pool's poisoned share times the ASR on it, so
-    this flags a model whose ASR stayed above roughly a quarter of what it was."""
+    """The check's verdict from two class_excess vectors: the suspect class had a real excess (>= POOL_SIGNAL) and
+    keeps POOL_KEEP of it or more (the excess is about the poisoned share times the ASR: a quarter of the ASR kept)."""
     return bool(before[suspect] >= POOL_SIGNAL and after[suspect] >= POOL_KEEP * before[suspect])
 
 
 def moved(pred_before: Tensor, pred_after: Tensor, suspect: int, k: int) -> tuple[int, float, float]:
-    """For a backdoor that moved instead of going: of the pool images the backdoored model put in the suspect
-    class and the purified one does not, the class that takes the most (purified, they spread over their own
-    classes). -> (that class, its share of the images that left, its share of the pool); (-1, 0, 0): none left."""
+    """A backdoor that moved: of the pool images the backdoored model put in the suspect class and the purified one
+    does not, the class taking most. -> (it, its share of those images, of the pool); (-1, 0, 0): none left."""
     left = pred_after[(pred_before == suspect) & (pred_after != suspect)]
     if len(left) == 0:
         return -1, 0.0, 0.0
@@ -674,9 +677,8 @@ def teacher_targets(model: nn.Module, x_pool: Tensor, check: PoolCheck, soft: bo
 
 @torch.no_grad()
 def prior_shift(model: nn.Module, check: PoolCheck, channels_last: bool = True) -> dict:
-    """--prior-shift: add to the suspect class's bias in model.head[-1] the least shift (bisection; the share only
-    grows with it) that puts at least the clean subset's share of the pool probe in that class, which stage 2
-    without its pool images leaves short. The pool check reads those same two shares: it is blind afterwards.
+    """--prior-shift: the least raise (bisection) of the suspect class's bias in model.head[-1] that puts the clean
+    subset's share of the pool probe in that class; the pool check, reading those shares, is blind afterwards.
     -> {"class", "shift"} (shift 0: no suspect class, no bias, or the share was already there)."""
     s, head = check.suspect, model.eval().head[-1]
     if not check.visible or head.bias is None:
@@ -705,9 +707,8 @@ def lr_ladder(start: float, top: float) -> list[float]:
 
 def sad_on_the_ladder(model: nn.Module, x_l: Tensor, y_l: Tensor, cfg: Config, check: PoolCheck, k: int,
                       device: torch.device, log: RunLog, state: RunState | None, results: dict) -> Branched:
-    """Stage 1 at the smallest lr of the ladder after which the pool check passes, each attempt from the
-    backdoored model with new exits; where the pool shows nothing to check, once at the top (it removes more,
-    at a cost in ACC). results["sad"] (with its lr) and results["sad_tried"]. -> the trained Branched."""
+    """Stage 1 at the ladder's least lr that passes the pool check, each attempt from the backdoored model with new
+    exits; with nothing to check, once at the top. results["sad"] (with its lr), ["sad_tried"]. -> the Branched."""
     ladder = lr_ladder(cfg.sad_lr, cfg.sad_lr_max) if cfg.sad_epochs else [cfg.sad_lr]
     if not check.visible and len(ladder) > 1:
         print("ftt: pool check: no class stands out in the unlabelled pool ("
@@ -754,13 +755,11 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
            num_classes: int | None = None, device: torch.device | None = None, log: RunLog | None = None,
            state: RunState | None = None, timings: dict | None = None,
            held_out: tuple[Tensor, Tensor] | None = None) -> tuple[nn.Module, dict]:
-    """FTT on a backdoored model with .stem, .stages, .head (any of ours, or your own): stage 1 on the clean
-    x_labelled (N, C, H, W) uint8 with y_labelled (N,), then stage 2 on the unlabelled x_pool (M, C, H, W)
-    uint8. cfg: a Config (its SAD, eq. (5)-(7) and SSL fields); log: evaluation and progress (default: none,
-    quiet); state: resume; held_out: (x, y) clean images no stage trains on, ACC on them after each stage
-    (--holdout takes them from x_labelled instead). The model is trained in place. -> (purified model,
-    results: "before" (pool check), "sad", "sad_tried", "ssl_pool", "ssl", each with ACC/ASR/RA where log
-    evaluates, else None)."""
+    """FTT on a backdoored model with .stem, .stages, .head (ours, or yours): stage 1 on the clean x_labelled
+    (N, C, H, W) uint8 with y_labelled (N,), then stage 2 on the unlabelled x_pool (M, C, H, W) uint8, in place.
+    cfg: a Config; log: evaluation and progress (default: quiet); state: resume; held_out: (x, y) clean images no
+    stage trains on, ACC on them after each stage (or --holdout). -> (purified model, results: "before" (pool
+    check), "sad", "sad_tried", "ssl_pool", "ssl", each with ACC/ASR/RA where log evaluates)."""
     cfg = cfg or Config()
     device = device or next(model.parameters()).device
     log = log or RunLog(quiet=True)
@@ -801,7 +800,8 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
     t = time.time()
     purified = net.backbone
     if len(x_u) and cfg.ssl_epochs:
-        purified = stage2_ssl(net, x_l, y_l, x_u, cfg, device, log, state, teacher)
+        purified = stage2_ssl(net, x_l, y_l, x_u, cfg, device, log, state, teacher,
+                              (results.get("ssl_pool") or {}).get("suspect"))  # --suspect-draws' class
         results["ssl"] = measured(log.measure("ssl", purified))
         if cfg.prior_shift:  # beyond the paper; results["ssl"]: the model returned, after the shift
             unshifted = {**results["ssl"], **check.held_out_acc(purified)}

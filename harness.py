@@ -158,6 +158,8 @@ def validate(cfg) -> None:
     for name in ("attack_batch", "batch_size", "mu", "attack_lr", "sad_lr", "sad_lr_max", "ssl_lr"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} must be > 0")
+    if getattr(cfg, "suspect_draws", 1) < 1:
+        raise ConfigError(f"--suspect-draws: {cfg.suspect_draws} must be >= 1 (1: each labelled image once a cycle)")
     if getattr(cfg, "teacher", "none") != "none" and cfg.ssl_forward == "split":
         raise ConfigError(f"--teacher {cfg.teacher}: needs --ssl-forward one or two (a pass its loss can train); "
                           f"with --ssl-forward split give --teacher none")

@@ -380,8 +380,9 @@ PY
     declare -A how=([split]="--ssl-forward split --teacher none" [one]="--ssl-forward one --teacher none"
       [fixmatch]="--ssl-forward one --ssl-bn-momentum 0.001 --no-ssl-decay-all --teacher none"
       [fixmatch-teacher]="--ssl-forward one --ssl-bn-momentum 0.001 --no-ssl-decay-all --teacher soft"
-      [one-teacher]="--ssl-forward one --teacher soft" [two-teacher]="--ssl-forward two --teacher soft"
-      [one-teacher-prior]="--ssl-forward one --teacher soft --prior-shift"
+      [one-teacher]="--ssl-forward one --teacher soft --suspect-draws 1"
+      [two-teacher]="--ssl-forward two --teacher soft --suspect-draws 1"
+      [one-teacher-prior]="--ssl-forward one --teacher soft --prior-shift --suspect-draws 1"
       [paper]="$PAPER_SSL")
     variants=${VARIANTS:-split one fixmatch fixmatch-teacher}
     CELLS=$(( ($(echo $variants ${BASELINES:-} | wc -w) + 1) * $(echo $rows | wc -w) ))
@@ -394,7 +395,8 @@ PY
         cell "$dir/$r/attacker" ftt.py "${flags[@]}" --attack-epochs 25 --attack-lr 0.1 --attack-schedule step \
           --no-attack-augment --sad-epochs 0 --ssl-epochs 0 --quiet
       fi
-      for v in $variants; do
+      for v in $variants; do  # one-teacher-drawN: --suspect-draws N
+        [[ $v == one-teacher-draw* ]] && how[$v]="--ssl-forward one --teacher soft --suspect-draws ${v##*draw}"
         cell "$dir/$r/$v-p$passes$tag" ftt.py "${flags[@]}" --model "$model" "${hold[@]}" --ssl-epochs "$passes" \
           ${how[$v]} --quiet "$@"
       done
@@ -477,7 +479,8 @@ PY
       [argd]="argd_wrn16-1_centergrid_t0.pth.tar|grid_center.png|0|0.2|"
       [medic-badnet]="medic_badnet_wrn16-1_grid_t5.pth.tar|grid_br.png|5|0.1|"
       [medic-adaptive2]="medic_adaptive2_wrn16-1_t0.pth.tar|adaptive2_topleft.png|0|0.05|$c10")
-    # METHODS: which cells of each row, in this order (e.g. "floor ft nad" first, the long ftt cells later)
+    # METHODS: which cells of each row, in this order (e.g. "floor ft nad" first, the long ftt cells later);
+    # FTT_CELL: the ftt cell's folder (ftt), e.g. FTT_CELL=ftt-draws3 with --suspect-draws 3 after the target
     models=${MODELS:-nad abl argd medic-badnet medic-adaptive2}; methods=${METHODS:-floor ftt ft nad}
     CELLS=$(($(echo $methods | wc -w) * $(echo $models | wc -w)))
     for m in $models; do
@@ -488,14 +491,14 @@ PY
       for c in $methods; do
         case $c in
           floor) cell "$dir/$m/floor" ftt.py "${flags[@]}" --model "$tp/nad_wrn16-1_clean.pth.tar" --sad-epochs 0 --ssl-epochs 0 ;;
-          ftt) cell "$dir/$m/ftt" ftt.py "${flags[@]}" "${given[@]}" "$@" ;;
+          ftt) cell "$dir/$m/${FTT_CELL:-ftt}" ftt.py "${flags[@]}" "${given[@]}" "$@" ;;
           ft|nad) cell "$dir/$m/$c" baselines.py --method "$c" "${flags[@]}" "${given[@]}" "$@" ;;
         esac
       done
     done
-    python3 - "$dir" $models <<'PY' | tee "$dir/table.md"
+    python3 - "$dir" "${FTT_CELL:-ftt}" $models <<'PY' | tee "$dir/table${FTT_CELL:+-$FTT_CELL}.md"
 import json, os, sys
-d, models = sys.argv[1], sys.argv[2:]
+d, ftt_cell, models = sys.argv[1], sys.argv[2], sys.argv[3:]
 def get(m, cell):
     p = os.path.join(d, m, cell, "results.json")
     return json.load(open(p)) if os.path.exists(p) else None
@@ -504,7 +507,7 @@ mins = lambda j: "" if j is None else f" ({j['timings']['total_s'] / 60:.0f} min
 print("\nThird-party models (./reproduce.sh third-party-table): ACC on the 10,000 test images / ASR, in %; minutes\n")
 print("| model | before | FT | NAD (ours) | FTT (SAD) | FTT (SAD+SSL) | floor (clean model's ASR) |\n|---|---|---|---|---|---|---|")
 for m in models:
-    ftt, ft, nad, floor = (get(m, c) for c in ("ftt", "ft", "nad", "floor"))
+    ftt, ft, nad, floor = (get(m, c) for c in (ftt_cell, "ft", "nad", "floor"))
     before = (ftt or ft or nad or {}).get("results", {}).get("before")
     after = lambda j: None if j is None else j["results"].get("after")
     print(f"| {m} | {f(before)} | {f(after(ft))}{mins(ft)} | {f(after(nad))}{mins(nad)} | "

@@ -531,6 +531,32 @@ def test_prior_shift_is_the_least_bias_that_gives_the_suspect_class_its_clean_sh
     assert torch.equal(model.head[-1].bias, bias)
 
 
+@given(st.integers(1, 40), st.integers(2, 6), st.integers(1, 5), st.booleans(), seeds)
+def test_labelled_cycle_holds_each_image_once_and_the_suspect_classs_draws_times(n, k, draws, has_suspect, seed):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (n,), generator=g)
+    suspect = int(torch.randint(0, k, (1,), generator=g)) if has_suspect else None
+    cycle = ftt.labelled_cycle(y, suspect, draws)
+    times = [draws if suspect is not None and int(c) == suspect else 1 for c in y]
+    assert torch.bincount(cycle, minlength=n).tolist() == times  # every index, as often as its class says
+    assert cycle.dtype == torch.int64 and len(cycle) == sum(times)
+
+
+@pytest.mark.parametrize("suspect,draws", [(0, 3), (None, 3), (0, 1)])
+def test_stage_2_draws_the_suspect_classs_labelled_images_draws_times_each_cycle(suspect, draws, monkeypatch):
+    net, x_l, _, x_u, cfg = tiny_ssl_setup()
+    y_l = torch.tensor([0] * 4 + [1] * 6 + [2] * 6)  # with 8 a batch, a cycle is whole batches: 16, or 24 with 3 draws
+    seen, forward = [], ftt.ssl_forward
+    monkeypatch.setattr(ftt, "ssl_forward", lambda n, xb, yb, *a, **kw: (seen.append(yb), forward(n, xb, yb, *a, **kw))[1])
+    ftt.stage2_ssl(net, x_l, y_l, x_u, dataclasses.replace(cfg, suspect_draws=draws), torch.device("cpu"),
+                   harness.RunLog(quiet=True), suspect=suspect)
+    zeros = 4 * (draws if suspect == 0 else 1)
+    steps = (zeros + 12) // cfg.batch_size  # one cycle; the loop runs 12 steps: whole cycles only
+    cycles = [torch.cat(seen[i:i + steps]) for i in range(0, len(seen), steps)]
+    assert len(seen) == 12 and len(cycles) == 12 // steps
+    assert all(torch.bincount(c, minlength=3).tolist() == [zeros, 6, 6] for c in cycles)
+
+
 def test_teacher_needs_a_trained_pass_and_holdout_a_share():
     with pytest.raises(harness.ConfigError, match="--ssl-forward one or two"):
         harness.validate(ftt.Config(ssl_forward="split"))  # the default teacher needs a pass it can train
@@ -538,6 +564,8 @@ def test_teacher_needs_a_trained_pass_and_holdout_a_share():
     harness.validate(ftt.Config(ssl_forward="two"))
     with pytest.raises(harness.ConfigError, match="--holdout"):
         harness.validate(ftt.Config(holdout=1.0))
+    with pytest.raises(harness.ConfigError, match="--suspect-draws"):
+        harness.validate(ftt.Config(suspect_draws=0))
 
 
 def test_ssl_with_a_teacher_logs_its_loss_and_each_exits_share_of_pseudo_labels(tmp_path):
@@ -710,8 +738,11 @@ def test_main_runs_both_stages_and_saves_a_plain_backbone_with_its_results(tmp_p
     plain.load_state_dict(torch.load(tmp_path / "run" / "purified.pt", weights_only=True), strict=True)
 
 
-def test_ssl_pool_leaves_out_by_default_exactly_what_the_backdoored_model_puts_in_the_suspect_class(tmp_path, capsys):
+def test_ssl_pool_leaves_out_by_default_exactly_what_the_backdoored_model_puts_in_the_suspect_class(tmp_path, capsys,
+                                                                                                   monkeypatch):
     needs_fashion()
+    cycles, cycle = [], ftt.labelled_cycle  # and stage 2 draws that class's labelled images --suspect-draws times
+    monkeypatch.setattr(ftt, "labelled_cycle", lambda y, s, d: (cycles.append((s, d)), cycle(y, s, d))[1])
     cfg = ftt.Config(**{**TINY, "train_size": 1500, "test_size": 100, "attack_epochs": 2, "sad_epochs": 1,
                         "sad_lr_max": ftt.Config.sad_lr, "ssl_epochs": 1, "mu": 2},  # --ssl-pool: its default
                      out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
@@ -723,6 +754,7 @@ def test_ssl_pool_leaves_out_by_default_exactly_what_the_backdoored_model_puts_i
     in_suspect = int((harness.predictions(backdoored, x_u, torch.device("cpu")) == suspect).sum())
     assert r["ssl_pool"] == {"dropped": in_suspect, "kept": len(x_u) - in_suspect, "suspect": suspect} and in_suspect > 0
     assert f"leaves out the {in_suspect} pool images" in capsys.readouterr().out
+    assert cycles == [(suspect, ftt.Config.suspect_draws)]
 
 
 
