@@ -160,6 +160,9 @@ def validate(cfg) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} must be > 0")
     if getattr(cfg, "suspect_draws", 1) < 1:
         raise ConfigError(f"--suspect-draws: {cfg.suspect_draws} must be >= 1 (1: each labelled image once a cycle)")
+    if getattr(cfg, "suspect_draws", 1) > 1 and cfg.ssl_pool != "drop-suspect":
+        raise ConfigError(f"--suspect-draws {cfg.suspect_draws}: needs --ssl-pool drop-suspect (with all of the pool "
+                          f"the suspect class has its pool images, and no class is drawn more often)")
     if getattr(cfg, "teacher", "none") != "none" and cfg.ssl_forward == "split":
         raise ConfigError(f"--teacher {cfg.teacher}: needs --ssl-forward one or two (a pass its loss can train); "
                           f"with --ssl-forward split give --teacher none")

@@ -566,6 +566,9 @@ def test_teacher_needs_a_trained_pass_and_holdout_a_share():
         harness.validate(ftt.Config(holdout=1.0))
     with pytest.raises(harness.ConfigError, match="--suspect-draws"):
         harness.validate(ftt.Config(suspect_draws=0))
+    with pytest.raises(harness.ConfigError, match="needs --ssl-pool drop-suspect"):
+        harness.validate(ftt.Config(suspect_draws=3, ssl_pool="all"))  # it would change nothing, silently
+    harness.validate(ftt.Config(suspect_draws=3))
 
 
 def test_ssl_with_a_teacher_logs_its_loss_and_each_exits_share_of_pseudo_labels(tmp_path):
