@@ -63,6 +63,33 @@ def parse(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def training_steps(cfg: ftt.Config, arch: str, shape: tuple, k: int, device: torch.device) -> dict:
+    """One step of each training loop on random images of `shape`, for the start estimate (harness.estimate_run)."""
+    model = ftt.build_backbone(arch, shape[0], k).to(device)
+    model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+    net = ftt.Branched(model, shape, k).to(device)
+    b, bu, ba = cfg.batch_size, cfg.mu * cfg.batch_size, cfg.attack_batch
+    x = torch.randint(0, 256, (max(bu, ba, 256), *shape), dtype=torch.uint8, device=device)
+    y = torch.randint(0, k, (len(x),), device=device)
+    w = ftt.exit_weights(len(net.exits) + 1)
+    return {"attack": (model, lambda m: harness.supervised_forward(m, random_crop_flip(x[:ba]), y[:ba], cfg, device)),
+            "sad": (net, lambda m: ftt.sad_forward(m, ftt.weak_augment(x[:b]), y[:b], w, cfg, device)[0]),
+            "ssl": (net, lambda m: ftt.ssl_forward(m, ftt.weak_augment(x[:b]), y[:b], ftt.weak_augment(x[:bu]),
+                                               ftt.strong_augment(x[:bu]), w, cfg, device)[0]),
+            "eval": (model, x[:256], y[:256])}  # images/s of evaluation from one batch of 256
+
+
+def start_estimate(cfg: ftt.Config, p: dict, train_attacker: bool) -> dict:
+    """ftt.main's start line, printed, from one timed step of each stage: p is loading.prepare's. -> the estimate."""
+    k, device, counts = p["num_classes"], p["device"], p["counts"]
+    steps_for = lambda arch: training_steps(cfg, arch, p["shape"], k, device)
+    expected = dict(counts, unlabelled=counts["unlabelled"] * (k - 1) // k) if cfg.ssl_pool == "drop-suspect" \
+        else counts  # drop-suspect leaves out about a class of the pool (and the triggered images among it)
+    est = harness.estimate_run(cfg, cfg.arch, expected, device, train_attacker, steps_for)
+    print(harness.start_line(cfg, est, device, counts, train_attacker, steps_for), flush=True)
+    return est
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -10,14 +10,13 @@ and ACC 84.87 -> 84.07 (means; `./reproduce.sh third-party-table`). The paper's 
   eq. (2)  attention_sum                        eq. (6)  pseudo_labels
   eq. (3)  attention_sum_p                      eq. (7)  sad_loss (labelled half), ssl_loss (unlabelled half)
   eq. (4)  attention_max_p                      stages   stage1_sad, stage2_ssl; library entry point: purify
-Beyond the paper (marked so): the pool check, SAD's lr ladder, drop-suspect, --teacher, --suspect-draws, --prior-shift.
+Beyond the paper (marked so): the pool check, SAD's lr ladder, drop-suspect, --teacher, and levers behind flags.
 Beside it: augment.py (views), loading.py (checkpoints, data), harness.py (log, resume, CLI), attacker.py (attacks).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import json
 import math
 import sys
@@ -31,10 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from augment import cutout, rand_augment, random_crop_flip
-from harness import (ARCHS, SSL_POOLS, SCHEDULES, FiniteWatch, RunConfig, RunLog,
-                     RunState, autocast, bn_momentum, bn_reestimated, cosine, descend, ema_update, estimate_run, flag,
-                     frozen_bn_stats, hit_rate, measured, parse_config, predictions, results_table, run_cli,
-                     save_atomic_text, sgd, start_line, supervised_forward, to_input, versions)
+from harness import (ARCHS, SSL_POOLS, SCHEDULES, FiniteWatch, RunConfig, RunLog, RunState, autocast, bn_momentum,
+                     bn_reestimated, cosine, descend, ema_update, flag, frozen_bn_stats, hit_rate, logits_of, measured,
+                     parse_config, predictions, results_table, run_cli, save_atomic_text, sgd, to_input, versions)
 from loading import prepare, torchvision_backbone, write_defense_result
 
 Tensor = torch.Tensor
@@ -42,8 +40,7 @@ SSL_STEPS = ("split", "one", "two")  # --ssl-forward
 
 
 # ================================================================================================
-# Config: every knob of the method, the flags its fields (the experiment's and the run's: harness.RunConfig).
-# Defaults: the paper's CIFAR-10 setting, stage budgets that fit 2 CPU cores on WRN-16-1 (docs/results.md: why).
+# Config: the method's knobs (its flags). Defaults: the paper's CIFAR-10 setting, budgets for 2 CPU cores (docs/results.md)
 # ================================================================================================
 
 @dataclass
@@ -53,38 +50,32 @@ class Config(RunConfig):
     # stage 1: SAD
     sad_epochs: int = flag(20, "stage 1 epochs over the clean subset (NAD's budget)")
     sad_lr: float = flag(0.01, "stage 1 SGD lr, the first rung of the lr ladder")
-    sad_lr_max: float = flag(0.1, "top of the ladder: while the pool check says the backdoor survived, SAD reruns "
-                                  "from the backdoored model at the next 1-3-10 step; FT, FP and NAD train at it")
-    sad_early_check: float = flag(0.25, "beyond the paper: the pool check also after this share of each SAD attempt "
-                                        "below the ladder's top; the ladder climbs at once if it fails (0: at the end only)")
-    sad_schedule: str = flag("cosine", "stage 1 lr schedule, also FT's and NAD's: cosine to 0, or nad (NAD's code: "
-                                       "full lr for 10%% of the epochs, then a tenth)", choices=("cosine", "nad"))
+    sad_lr_max: float = flag(0.1, "top of the lr ladder (SAD reruns a 1-3-10 step up while the pool check fails); FT's lr")
+    sad_early_check: float = flag(0.25, "beyond the paper: the pool check also after this share of a SAD attempt (0: off)")
+    sad_schedule: str = flag("cosine", "stage 1's, FT's, NAD's lr: cosine, or nad's", choices=("cosine", "nad"))
     # eq. (5)-(7)
     beta: float = flag(0.03, "weight of the AP loss, eq. (7) (paper: 0.03)")
     lambda_u: float = flag(1.0, "weight of the unlabelled half of eq. (7) (paper: 1; FixMatch's lambda_u)", flag="--lambda")
     p: float = flag(2.0, "exponent of the attention operator A^p_sum, eq. (3) (paper: 2)")
     detach_deep: bool = flag(True, "treat F_D as a fixed teacher in eq. (5) (else mutual distillation)")
-    ap_reduce: str = flag("sum", "eq. (5) over a batch: per-image distances averaged, summed, or their L2 norm",
-                          choices=("mean", "sum", "l2"))
+    ap_reduce: str = flag("sum", "eq. (5) over a batch: the distances' mean, sum, or L2 norm", choices=("mean", "sum", "l2"))
     # stage 2: SSL (FixMatch: lr 0.03, Nesterov, t 0.95, mu 7, EMA 0.999)
     ssl_epochs: int = flag(5, "stage 2 epochs, each one pass over the unlabelled pool")
-    ssl_pool: str = flag("drop-suspect", "stage 2's unlabelled images: all (the paper) or all but the suspect class's",
-                         choices=SSL_POOLS)
+    ssl_pool: str = flag("drop-suspect", "stage 2's pool: all (the paper) or all but the suspect class's", choices=SSL_POOLS)
     ssl_lr: float = flag(0.03, "stage 2 SGD lr (cosine to 0)")
     mu: int = flag(7, "unlabelled batch = mu x batch_size")
     threshold: float = flag(0.95, "pseudo-label confidence threshold t, eq. (6)")
     batch_size: int = flag(64, "labelled batch of both stages (paper: 64)")
     ema: float = flag(0.999, "stage 2 keeps, evaluates and saves an EMA of the weights with this decay (0: none)")
-    ssl_forward: str = flag("one", "stage 2's step: one (FixMatch: labelled, weak, strong views in one trained pass), "
-                                   "split (weak views without gradient or BatchNorm update; needs --teacher none), "
-                                   "two (weak views without gradient; --teacher on the strong view)", choices=SSL_STEPS)
+    ssl_forward: str = flag("one", "stage 2's step: one trained pass (FixMatch), or the weak views in a no-grad pass "
+                                   "without (split: the paper's) or with BatchNorm updates (two)", choices=SSL_STEPS)
     ssl_bn_momentum: float = flag(0.0, "BatchNorm momentum during stage 2 (FixMatch: 0.001; 0: the model's own)")
     ssl_decay_all: bool = flag(True, "stage 2's weight decay on every tensor (FixMatch: not on biases, BatchNorm)")
-    teacher: str = flag("soft", "beyond the paper: the backdoored model's predictions on pool images outside the "
-                                "suspect class as targets on their weak views (soft, hard; none: the paper); off, with "
-                                "a line, when the pool shows no suspect class", choices=("none", "hard", "soft"))
+    teacher: str = flag("soft", "beyond the paper: the backdoored model's predictions outside the suspect class as "
+                                "targets (none: the paper)", choices=("none", "hard", "soft"))
     teacher_weight: float = flag(1.0, "weight of --teacher's cross-entropy beside eq. (7)")
     suspect_draws: int = flag(1, "beyond the paper: stage 2 draws the suspect class's labelled images N times a cycle")
+    unlearn: float = flag(0.0, "beyond the paper: weight of -log(1 - p_suspect) on what SAD moved out of that class")
     prior_shift: bool = flag(False, "beyond the paper: after stage 2, the suspect class's bias up to its clean share")
     holdout: float = flag(0.0, "share of the clean subset kept out of both stages: ACC on defender data")
     holdout_unseen: int = flag(0, "N clean images past --train-size (no model trained on them) kept out of both stages")
@@ -377,9 +368,16 @@ def teacher_loss(logits_w: Tensor, target: Tensor) -> Tensor:
     return -(target * logp).sum() / len(target)
 
 
+def unlearn_loss(logits: Tensor, avoid: Tensor) -> Tensor:
+    """Beyond the paper (--unlearn): -log(1 - p_c) of logits (B, K), c = avoid (B,) (-1: none), a complementary label
+    that moves an image out of class c and into no class in particular. Mean over the batch, -1 counting 0."""
+    z = logits.float()
+    rest = z.scatter(1, avoid.clamp(min=0)[:, None], float("-inf"))  # log(1 - p_c) = lse(z without c) - lse(z)
+    return ((z.logsumexp(1) - rest.logsumexp(1)) * (avoid >= 0)).sum() / len(avoid)
+
+
 # ================================================================================================
-# The two views (paper, "Semi-Supervised Learning"): weak = flip-and-shift; strong = an AutoAugment-style
-# policy, then Cutout. uint8 (B, C, H, W) -> the same, each image its own draw (augment.py).
+# The two views (paper, "Semi-Supervised Learning"): uint8 (B, C, H, W) -> the same, each image its own draw
 # ================================================================================================
 
 def weak_augment(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -407,12 +405,13 @@ def sad_forward(net: Branched, xb: Tensor, yb: Tensor, weights: list[float], cfg
 
 
 def ssl_forward(net: Branched, xb: Tensor, yb: Tensor, u_weak: Tensor, u_strong: Tensor, weights: list[float],
-                cfg: Config, device: torch.device, teacher: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                cfg: Config, device: torch.device, teacher: Tensor | None = None,
+                avoid: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """eq. (7) whole for one step: per-exit pseudo-labels (eq. 6) from the weak view of the unlabelled batch, the
-    labelled batch xb and the strong view trained. --ssl-forward one: all three in one trained pass, as FixMatch
-    (BatchNorm's statistics from all three); split: the weak view in a no-grad pass that leaves them alone; two: in
-    one that updates them. teacher (--teacher, beyond the paper): targets for the weak (one) or strong view (two).
-    -> (loss, (ce_l, ap_l, ce_u, ap_u, teacher CE, share of pseudo-labels kept at each exit, deepest last))."""
+    labelled batch xb and the strong view trained. --ssl-forward one: all three in one trained pass (FixMatch: its
+    BatchNorm statistics from all three); split: the weak view in a no-grad pass that leaves them alone; two: one that
+    updates them. Beyond the paper, for the view with a gradient: teacher, --teacher's targets; avoid, --unlearn's
+    classes (no pseudo-label there). -> (loss, (ce_l, ap_l, ce_u, ap_u, teacher, unlearn, kept share per exit))."""
     n, m = len(xb), len(u_weak)
     if cfg.ssl_forward == "one":
         with autocast(device):
@@ -425,14 +424,18 @@ def ssl_forward(net: Branched, xb: Tensor, yb: Tensor, u_weak: Tensor, u_strong:
             logits, feats = net(to_input(torch.cat([xb, u_strong]), cfg.channels_last))
         strong = slice(n, None)
     pseudo = [pseudo_labels(z.detach().float().softmax(1), cfg.threshold) for z in logits_u_w]  # eq. (6), per exit
+    if avoid is not None:  # --unlearn's images: a trigger may still pick their pseudo-label; "not class c" only
+        pseudo = [torch.where(avoid >= 0, -1, q) for q in pseudo]
     loss_x, ce_l, ap_l = sad_loss([z[:n] for z in logits], [f[:n] for f in feats], yb,
                                   weights, cfg.beta, cfg.p, cfg.detach_deep, cfg.ap_reduce)
     loss_u, ce_u, ap_u = ssl_loss([z[strong] for z in logits], [f[strong] for f in feats], pseudo,
                                   weights, cfg.beta, cfg.lambda_u, cfg.p, cfg.detach_deep, cfg.ap_reduce)
     taught = logits_u_w[-1] if cfg.ssl_forward == "one" else logits[-1][strong]  # the view with a gradient
     ce_t = teacher_loss(taught, teacher) if teacher is not None else loss_u.new_zeros(())
+    ce_a = unlearn_loss(taught, avoid) if avoid is not None else loss_u.new_zeros(())
     masks = [(q >= 0).float().mean() for q in pseudo]
-    return loss_x + loss_u + cfg.teacher_weight * ce_t, torch.stack([ce_l, ap_l, ce_u, ap_u, ce_t, *masks]).detach()
+    return loss_x + loss_u + cfg.teacher_weight * ce_t + cfg.unlearn * ce_a, \
+        torch.stack([ce_l, ap_l, ce_u, ap_u, ce_t, ce_a, *masks]).detach()
 
 
 # ================================================================================================
@@ -476,8 +479,7 @@ def stage1_sad(net: Branched, x: Tensor, y: Tensor, cfg: Config, device: torch.d
 # ================================================================================================
 
 def ssl_schedule(n_unlabelled: int, cfg: Config) -> tuple[int, int]:
-    """-> (steps per epoch, total steps): an epoch is one pass over the pool at mu x batch_size per step;
-    the cosine schedule spans exactly the steps the loop runs."""
+    """-> (steps per epoch, total): an epoch is one pass over the pool at mu x batch_size a step (cosine spans all)."""
     steps = max(n_unlabelled // (cfg.mu * cfg.batch_size), 1)
     return steps, steps * cfg.ssl_epochs
 
@@ -490,17 +492,18 @@ def labelled_cycle(y: Tensor, suspect: int | None, draws: int) -> Tensor:
 
 
 def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config, device: torch.device, log: RunLog,
-               state: RunState | None = None, teacher: Tensor | None = None, suspect: int | None = None) -> nn.Module:
+               state: RunState | None = None, teacher: Tensor | None = None, suspect: int | None = None,
+               avoid: Tensor | None = None) -> nn.Module:
     """Trains net on the labelled x_l, y_l and the unlabelled x_u (uint8 (N, C, H, W)) with eq. (7) whole;
-    teacher: --teacher's targets, one per image of x_u; suspect: labelled_cycle's. -> the model to keep: with
-    cfg.ema > 0 an exponential moving average of the weights (evaluated every epoch and saved), else the backbone."""
+    teacher, avoid: --teacher's targets, --unlearn's classes, one per image of x_u; suspect: labelled_cycle's. -> the
+    model to keep: with cfg.ema > 0 an EMA of the weights (evaluated every epoch and saved), else the backbone."""
     weights = exit_weights(len(net.exits) + 1)
     b, bu = cfg.batch_size, cfg.mu * cfg.batch_size
     steps, total_steps = ssl_schedule(len(x_u), cfg)
     opt = sgd(net.parameters(), cfg.ssl_lr, cfg, nesterov=True, decay_all=cfg.ssl_decay_all)
     sched = cosine(opt, total_steps)
-    names = ["ce_l", "ap_l", "ce_u", "ap_u", "teacher"] + [f"mask{i}" for i in range(1, len(net.exits) + 1)] + \
-        ["mask"]  # the share of pseudo-labels kept at exit i, and at the deepest
+    names = ["ce_l", "ap_l", "ce_u", "ap_u", "teacher", "unlearn"] + \
+        [f"mask{i}" for i in range(1, len(net.exits) + 1)] + ["mask"]  # pseudo-labels kept at exit i, at the deepest
     ema = copy.deepcopy(net.backbone).requires_grad_(False) if cfg.ema > 0 else None
     cycle = labelled_cycle(y_l, suspect, cfg.suspect_draws)
     shuffled = lambda: cycle[torch.randperm(len(cycle), device=cycle.device)]
@@ -521,9 +524,10 @@ def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config
             idx_l, pos_l = perm_l[pos_l:pos_l + b], pos_l + b
             idx_u = perm_u[step * bu:(step + 1) * bu]
             u = x_u[idx_u]
+            per_image = [t[idx_u] if t is not None else None for t in (teacher, avoid)]
             with bn_momentum(net, cfg.ssl_bn_momentum) if cfg.ssl_bn_momentum > 0 else nullcontext():
                 loss, parts = ssl_forward(net, weak_augment(x_l[idx_l]), y_l[idx_l], weak_augment(u), strong_augment(u),
-                                          weights, cfg, device, teacher[idx_u] if teacher is not None else None)
+                                          weights, cfg, device, *per_image)
             watch.see(loss, step)
             descend(opt, sched, loss)
             if ema is not None:
@@ -533,8 +537,9 @@ def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config
         log.pause()
         watch.check("ssl", epoch)
         parts = dict(zip(names, (sums / steps).tolist()))  # read once per epoch
-        if teacher is None:
-            del parts["teacher"]
+        for name, t in (("teacher", teacher), ("unlearn", avoid)):
+            if t is None:
+                del parts[name]
         if state:
             state.save("ssl", epoch, net, opt, sched, {"perm_l": perm_l.cpu(), "pos_l": pos_l,
                                                        **({"ema": ema.state_dict()} if ema is not None else {})})
@@ -543,8 +548,7 @@ def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config
 
 
 # ================================================================================================
-# Beyond the paper: the pool check (a defender-side sign of the backdoor, no trigger needed), SAD's lr
-# ladder that follows it, and stage 2 without the suspect class (--ssl-pool drop-suspect)
+# Beyond the paper: the pool check (no trigger needed), SAD's lr ladder, drop-suspect, --teacher, --unlearn, ...
 # ================================================================================================
 
 POOL_PROBE = 10000   # pool images predicted for the check (sampling error of a share about 0.3 points)
@@ -555,8 +559,7 @@ POOL_MOVED = 0.5     # most of the images that left the suspect class (and POOL_
 
 def class_excess(pred: Tensor, labels: Tensor, k: int) -> Tensor:
     """The share of the unlabelled pool the model puts in each class minus that class's share of the clean subset:
-    (k,) in [-1, 1], summing to 0. A backdoored model sends the pool's triggered images to the target, an excess of
-    about the pool's poisoned share; a purified model's pool follows the clean labels, up to its own errors."""
+    (k,), summing to 0. A backdoored model's target has an excess of about the pool's poisoned share."""
     share = lambda v: torch.bincount(v.flatten().cpu(), minlength=k).double() / max(v.numel(), 1)
     return share(pred) - share(labels)
 
@@ -586,9 +589,8 @@ def moved(pred_before: Tensor, pred_after: Tensor, suspect: int, k: int) -> tupl
 
 
 class PoolCheck:
-    """The pool check on a fixed sample of the pool: the backdoored model's class_excess is taken once, at
-    construction; after(stage, model, result) compares a purified model with it. suspect: the class with the
-    largest excess; visible: that excess is large enough (POOL_SIGNAL) for the check to mean anything."""
+    """The pool check on a fixed sample of the pool: the backdoored model's class_excess, taken once; after() compares
+    a purified model with it. suspect: the class with the largest excess; visible: it is >= POOL_SIGNAL."""
 
     def __init__(self, model: nn.Module, x_pool: Tensor, y_labelled: Tensor, k: int, cfg: Config, device: torch.device,
                  held_out: tuple[Tensor, Tensor] | None = None):
@@ -603,8 +605,8 @@ class PoolCheck:
         self.suspect = int(self.excess.argmax()) if self.excess is not None else None
         self.visible = self.excess is not None and bool(self.excess[self.suspect] >= POOL_SIGNAL)
         if cfg.clean_label and self.excess is not None:  # its poisoned images carry their own, true label
-            print("ftt: pool check: --clean-label: the attacker kept every label, so the backdoored model's pool "
-                  "shows no excess of the target class; the check has nothing to see and is not used", flush=True)
+            print("ftt: pool check: --clean-label: the attacker kept every label, so the pool shows no excess of the "
+                  "target class; the check has nothing to see and is not used", flush=True)
             self.visible = False
 
     def held_out_acc(self, model: nn.Module) -> dict:
@@ -642,49 +644,53 @@ class PoolCheck:
 
 
 def drop_suspect(model: nn.Module, x_pool: Tensor, check: PoolCheck, device: torch.device,
-                 channels_last: bool = True) -> tuple[Tensor, dict | None]:
+                 channels_last: bool = True) -> tuple[Tensor, dict | None, Tensor]:
     """--ssl-pool drop-suspect: stage 2's pool without the images the backdoored model puts in the suspect class
-    (its triggered images among them; on Blended, SSL on all of them taught the trigger a new target). Falls back
-    to all of the pool, with a line, when the pool shows no suspect class or every image is in it."""
+    (on Blended, SSL on its triggered images taught the trigger a new target); all of it, with a line, when the pool
+    shows no suspect class or all is in it. -> (the pool kept, {"dropped", "kept", "suspect"} or None, the rest)."""
     keep = predictions(model, x_pool, device, channels_last) != check.suspect if check.visible else None
     if keep is not None and keep.any():
         info = {"dropped": int((~keep).sum()), "kept": int(keep.sum()), "suspect": check.suspect}
         print(f"ftt: --ssl-pool drop-suspect: stage 2 leaves out the {info['dropped']} pool images the backdoored "
               f"model puts in class {check.suspect}; {info['kept']} remain", flush=True)
-        return x_pool[keep], info
-    print("ftt: --ssl-pool drop-suspect: " + ("the pool shows no suspect class" if keep is None else
-          f"the backdoored model puts every pool image in class {check.suspect}") + ", so stage 2 uses all of it",
-          flush=True)
-    return x_pool, None
+        return x_pool[keep], info, x_pool[~keep]
+    why = "the pool shows no suspect class" if keep is None else f"the model puts every pool image in class {check.suspect}"
+    print(f"ftt: --ssl-pool drop-suspect: {why}, so stage 2 uses all of it", flush=True)
+    return x_pool, None, x_pool[:0]
+
+
+def unlearn_set(sad: nn.Module, x_dropped: Tensor, suspect: int, device: torch.device, channels_last: bool = True,
+                confidence: float = 0.5) -> Tensor:
+    """--unlearn: the indices of the images drop-suspect left out (the backdoored model's suspect class) that SAD's
+    model puts in another class with probability >= confidence: on the development models 85-87% are triggered."""
+    if not len(x_dropped):
+        return torch.zeros(0, dtype=torch.long)
+    conf, cls = logits_of(sad, x_dropped, device, channels_last).softmax(1).max(1)
+    return torch.nonzero((cls != suspect) & (conf >= confidence)).flatten()
 
 
 def teacher_targets(model: nn.Module, x_pool: Tensor, check: PoolCheck, soft: bool, device: torch.device,
-                    channels_last: bool = True, batch: int = 1024) -> Tensor | None:
-    """--teacher: the backdoored model's own prediction of each pool image (soft: its probabilities, hard: its
-    class), left out (a zero row, or -1) where it is the suspect class, where the triggered images go. None, with a
-    line, when the pool shows no suspect class: nothing then tells which predictions a trigger made."""
+                    channels_last: bool = True) -> Tensor | None:
+    """--teacher: the backdoored model's prediction of each pool image (soft: probabilities, hard: class), left out (a
+    zero row, -1) in the suspect class. None, with a line, when there is none: the trigger may have made any of them."""
     if not check.visible:
         print("ftt: --teacher: the pool check sees no suspect class, so the backdoored model's predictions may carry "
               "its trigger: stage 2 runs without them", flush=True)
         return None
-    model.eval()
-    with torch.no_grad(), autocast(device):
-        probs = torch.cat([model(to_input(x_pool[i:i + batch].to(device), channels_last)).float().softmax(1)
-                           for i in range(0, len(x_pool), batch)])
+    probs = logits_of(model, x_pool, device, channels_last).softmax(1)
     keep = probs.argmax(1) != check.suspect
     return probs * keep[:, None] if soft else torch.where(keep, probs.argmax(1), -1)
 
 
 @torch.no_grad()
 def prior_shift(model: nn.Module, check: PoolCheck, channels_last: bool = True) -> dict:
-    """--prior-shift: the least raise (bisection) of the suspect class's bias in model.head[-1] that puts the clean
-    subset's share of the pool probe in that class; the pool check, reading those shares, is blind afterwards.
-    -> {"class", "shift"} (shift 0: no suspect class, no bias, or the share was already there)."""
+    """--prior-shift: the least raise (bisection) of the suspect class's bias in model.head[-1] that gives it the clean
+    subset's share of the pool probe (the pool check is blind after it). -> {"class", "shift"} (0: none needed)."""
     s, head = check.suspect, model.eval().head[-1]
     if not check.visible or head.bias is None:
         print("ftt: --prior-shift: no suspect class in the pool, or no bias: nothing shifted", flush=True)
         return {"class": None, "shift": 0.0}
-    z = torch.cat([model(to_input(x, channels_last)).float() for x in check.probe.split(1024)])
+    z = logits_of(model, check.probe, check.probe.device, channels_last)
     share = lambda d: (torch.cat([z[:, :s], z[:, s:s + 1] + d, z[:, s + 1:]], 1).argmax(1) == s).float().mean()
     target, lo, hi = (check.y_labelled == s).float().mean(), 0.0, float((z.amax(1) - z[:, s]).max()) + 1.0
     if share(lo) >= target:
@@ -697,12 +703,8 @@ def prior_shift(model: nn.Module, check: PoolCheck, channels_last: bool = True) 
 
 def lr_ladder(start: float, top: float) -> list[float]:
     """start, then 1-3-10 steps up to top: (0.01, 0.1) -> [0.01, 0.03, 0.1]; top <= start -> [start]."""
-    steps = [start]
-    for i in itertools.count(1):
-        lr = float(f"{start * 10 ** (i // 2) * (3 if i % 2 else 1):.12g}")  # x3, x10, x30, x100, ...
-        if lr > top * (1 + 1e-9):
-            return steps
-        steps.append(lr)
+    steps = [float(f"{start * 10 ** (i // 2) * (3 if i % 2 else 1):.12g}") for i in range(1, 40)]  # x3, x10, x30, ...
+    return [start] + [lr for lr in steps if lr <= top * (1 + 1e-9)]
 
 
 def sad_on_the_ladder(model: nn.Module, x_l: Tensor, y_l: Tensor, cfg: Config, check: PoolCheck, k: int,
@@ -787,7 +789,7 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
             result["bn_pool"] = measured(log.evaluate(bn_reestimated(m, probe, device, weak_augment, cfg.channels_last)))
     diagnose(model, before)
     if cfg.ssl_pool == "drop-suspect" and cfg.ssl_epochs and len(x_u):
-        x_u, info = drop_suspect(model, x_u, check, device, cfg.channels_last)  # before SAD changes the model
+        x_u, info, x_dropped = drop_suspect(model, x_u, check, device, cfg.channels_last)  # before SAD changes it
         if info:
             results["ssl_pool"] = info
     teacher = teacher_targets(model, x_u, check, cfg.teacher == "soft", device, cfg.channels_last) \
@@ -798,10 +800,24 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
     if "bn_pool" not in results["sad"]:  # (a resumed stage 2 holds SAD's weights in its state, not in net yet)
         diagnose(net.backbone, results["sad"])
     t = time.time()
-    purified = net.backbone
+    purified, avoid, s = net.backbone, None, (results.get("ssl_pool") or {}).get("suspect")
+    if cfg.unlearn > 0 and len(x_u) and cfg.ssl_epochs and s is None:
+        print("ftt: --unlearn: no suspect class in the pool, nothing to unlearn: stage 2 runs without it", flush=True)
+    elif cfg.unlearn > 0 and len(x_u) and cfg.ssl_epochs:  # beyond the paper
+        u = results.setdefault("unlearn", {"suspect": s})  # "index" stays while stage 2 runs: a resume has no SAD model
+        if "index" not in u:
+            u["index"] = unlearn_set(net.backbone, x_dropped, s, device, cfg.channels_last).cpu()
+        order = u["index"][torch.randperm(len(u["index"]), generator=torch.Generator().manual_seed(cfg.seed))]
+        x_held, x_t = x_dropped[order[:len(order) // 4]], x_dropped[order[len(order) // 4:]]  # a quarter kept out
+        u.update(images=len(x_t), held=len(x_held))
+        print(f"ftt: --unlearn: {len(x_t)} pool images the backdoored model puts in class {s} and SAD's model "
+              f"elsewhere join stage 2 with 'not class {s}' as their only target ({len(x_held)} kept out)", flush=True)
+        avoid = torch.cat([torch.full((len(x_u),), -1), torch.full((len(x_t),), s)]).to(device)
+        teacher = None if teacher is None else \
+            torch.cat([teacher, teacher.new_zeros(len(x_t), *teacher.shape[1:]) - int(teacher.dim() == 1)])
+        x_u = torch.cat([x_u, x_t])
     if len(x_u) and cfg.ssl_epochs:
-        purified = stage2_ssl(net, x_l, y_l, x_u, cfg, device, log, state, teacher,
-                              (results.get("ssl_pool") or {}).get("suspect"))  # --suspect-draws' class
+        purified = stage2_ssl(net, x_l, y_l, x_u, cfg, device, log, state, teacher, s, avoid)  # s: --suspect-draws'
         results["ssl"] = measured(log.measure("ssl", purified))
         if cfg.prior_shift:  # beyond the paper; results["ssl"]: the model returned, after the shift
             unshifted = {**results["ssl"], **check.held_out_acc(purified)}
@@ -810,6 +826,9 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
                 shifted["unshifted"], results["ssl"] = unshifted, measured(log.evaluate(purified))
         check.after("ssl", purified, results["ssl"])
         diagnose(purified, results["ssl"])
+        if avoid is not None:  # the kept-out quarter: the share the model still puts in class s, a backdoor reading
+            del u["index"]
+            u["held_to_suspect"] = hit_rate(predictions(purified, x_held, device, cfg.channels_last), torch.tensor(s))
     elif not cfg.quiet:
         print("stage 2 skipped: " + ("--ssl-epochs 0" if len(x_u) else "no unlabelled images (--unlabeled-dir)"))
     timings["ssl_s"] = time.time() - t
@@ -820,28 +839,12 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
 # main: load (or backdoor) the model, purify it, report; the CLI
 # ================================================================================================
 
-def training_steps(cfg: Config, arch: str, shape: tuple, k: int, device: torch.device) -> dict:
-    """One step of each training loop on random images of `shape`, for the start estimate (harness.estimate_run)."""
-    model = build_backbone(arch, shape[0], k).to(device)
-    model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
-    net = Branched(model, shape, k).to(device)
-    b, bu, ba = cfg.batch_size, cfg.mu * cfg.batch_size, cfg.attack_batch
-    x = torch.randint(0, 256, (max(bu, ba, 256), *shape), dtype=torch.uint8, device=device)
-    y = torch.randint(0, k, (len(x),), device=device)
-    w = exit_weights(len(net.exits) + 1)
-    return {"attack": (model, lambda m: supervised_forward(m, random_crop_flip(x[:ba]), y[:ba], cfg, device)),
-            "sad": (net, lambda m: sad_forward(m, weak_augment(x[:b]), y[:b], w, cfg, device)[0]),
-            "ssl": (net, lambda m: ssl_forward(m, weak_augment(x[:b]), y[:b], weak_augment(x[:bu]),
-                                               strong_augment(x[:bu]), w, cfg, device)[0]),
-            "eval": (model, x[:256], y[:256])}  # images/s of evaluation from one batch of 256
-
-
 def main(cfg: Config) -> dict:
     """One run: results.json, log.jsonl, backdoored.pt (when trained here) and purified.pt in cfg.out."""
     t_start = time.time()
     from attacker import backdoor, make_trigger  # the replication's attacker; it imports this module's operators
     p = prepare(cfg, build_backbone, make_trigger)
-    cfg, device, d, model, k, counts = p["cfg"], p["device"], p["d"], p["model"], p["num_classes"], p["counts"]
+    cfg, device, d, model, k = p["cfg"], p["device"], p["d"], p["model"], p["num_classes"]
     out, results, timings = Path(cfg.out), {}, {"data_s": p["data_s"]}
     state = RunState(out / "checkpoint.pt", cfg, results)
     out.mkdir(parents=True, exist_ok=True)
@@ -852,11 +855,8 @@ def main(cfg: Config) -> dict:
     if cfg.compile and train_attacker:
         model.compile(mode=cfg.compile_mode)  # in place: its state_dict keeps its keys
     t = time.time()
-    steps_for = lambda arch: training_steps(cfg, arch, p["shape"], k, device)
-    expected = dict(counts, unlabelled=counts["unlabelled"] * (k - 1) // k) if cfg.ssl_pool == "drop-suspect" \
-        else counts  # drop-suspect leaves out about a class of the pool (and the triggered images among it)
-    est = estimate_run(cfg, cfg.arch, expected, device, train_attacker, steps_for)
-    print(start_line(cfg, est, device, counts, train_attacker, steps_for), flush=True)
+    from bench import start_estimate  # from the steps bench.py times, on random images
+    est = start_estimate(cfg, p, train_attacker)
     timings["estimate_s"] = time.time() - t
     log = RunLog(p["evaluate"], cfg.eval_every, out / "log.jsonl", cfg.quiet, est)
     t = time.time()

@@ -163,6 +163,11 @@ def validate(cfg) -> None:
     if getattr(cfg, "suspect_draws", 1) > 1 and cfg.ssl_pool != "drop-suspect":
         raise ConfigError(f"--suspect-draws {cfg.suspect_draws}: needs --ssl-pool drop-suspect (with all of the pool "
                           f"the suspect class has its pool images, and no class is drawn more often)")
+    if getattr(cfg, "unlearn", 0.0) < 0:
+        raise ConfigError(f"--unlearn: {cfg.unlearn} must be >= 0 (0: off)")
+    if getattr(cfg, "unlearn", 0.0) > 0 and cfg.ssl_pool != "drop-suspect":
+        raise ConfigError(f"--unlearn {cfg.unlearn}: needs --ssl-pool drop-suspect (its images are among those "
+                          f"drop-suspect leaves out)")
     if getattr(cfg, "teacher", "none") != "none" and cfg.ssl_forward == "split":
         raise ConfigError(f"--teacher {cfg.teacher}: needs --ssl-forward one or two (a pass its loss can train); "
                           f"with --ssl-forward split give --teacher none")
@@ -349,6 +354,18 @@ def predictions(model: nn.Module, x: Tensor, device: torch.device, channels_last
     for i in range(0, len(x), batch):
         with autocast(device):
             out.append(model(to_input(x[i:i + batch].to(device), channels_last)).argmax(1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, x: Tensor, device: torch.device, channels_last: bool = True,
+              batch: int = 1024) -> Tensor:
+    """Float logits (N, K) of model on uint8 images x (N, C, H, W), N > 0, left on the device; eval mode."""
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch):
+        with autocast(device):
+            out.append(model(to_input(x[i:i + batch].to(device), channels_last)).float())
     return torch.cat(out)
 
 
@@ -618,7 +635,7 @@ def estimate_run(cfg, arch: str, counts: dict, device: torch.device, train_attac
     """Seconds of each stage (attack, sad, ssl) of a run, from a few timed training steps of each kind and one
     evaluation batch; the run's random state is left as it was. counts: the sizes of the training set, clean
     subset, unlabelled pool, test and backdoor test sets. steps_for(arch) -> {stage: (module, loss(module)),
-    "eval": (model, x, y)}: the method's own steps on random images (ftt.training_steps)."""
+    "eval": (model, x, y)}: the method's own steps on random images (bench.training_steps)."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         kinds = steps_for(arch)

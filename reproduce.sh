@@ -397,6 +397,11 @@ PY
       fi
       for v in $variants; do  # one-teacher-drawN: --suspect-draws N
         [[ $v == one-teacher-draw* ]] && how[$v]="--ssl-forward one --teacher soft --suspect-draws ${v##*draw}"
+        if [[ $v == one-teacher-unlearn* ]]; then  # one-teacher-unlearnW[-drawN][-prior]: --unlearn W (and the others)
+          o="--ssl-forward one --teacher soft --suspect-draws 1"; w=${v#one-teacher-unlearn}; o+=" --unlearn ${w%%-*}"
+          [[ $v == *-draw* ]] && { d=${v##*-draw}; o+=" --suspect-draws ${d%%-*}"; }
+          [[ $v == *-prior* ]] && o+=" --prior-shift"; how[$v]=$o
+        fi
         cell "$dir/$r/$v-p$passes$tag" ftt.py "${flags[@]}" --model "$model" "${hold[@]}" --ssl-epochs "$passes" \
           ${how[$v]} --quiet "$@"
       done

@@ -427,6 +427,49 @@ def test_the_teacher_trains_the_view_that_has_a_gradient(forward):
     assert net.scale.grad is not None
 
 
+@given(st.integers(1, 12), st.integers(2, 6), seeds)
+def test_unlearn_loss_is_minus_log_one_minus_p_of_the_avoided_class_and_pushes_only_it_down(b, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(b, k, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    avoid = torch.where(torch.rand(b, generator=g) < 0.7, torch.randint(0, k, (b,), generator=g), -1)
+    p = z.softmax(1)  # the reference, written the plain way
+    expect = sum(-torch.log(1 - p[i, avoid[i]]) for i in range(b) if avoid[i] >= 0) / b if (avoid >= 0).any() else 0.0
+    loss = ftt.unlearn_loss(z, avoid)
+    assert loss.item() == pytest.approx(float(torch.as_tensor(expect).detach()), rel=1e-5, abs=1e-6)
+    loss.backward()
+    on = avoid >= 0
+    assert torch.all(z.grad[~on] == 0)  # images without a class to avoid: no gradient at all
+    rows = torch.arange(b)[on]
+    assert torch.all(z.grad[rows, avoid[on]] >= 0)  # a descent step lowers the avoided logit...
+    others = z.grad[rows].clone()
+    others[torch.arange(len(rows)), avoid[on]] = 0
+    assert torch.all(others <= 1e-12)  # ...and raises every other one: out of c, into no class in particular
+
+
+@pytest.mark.parametrize("forward", ["one", "two"])
+def test_unlearned_images_get_no_pseudo_label_and_their_loss_on_the_trained_view(forward):
+    # weak white (the deepest exit: class 1), strong black (class 0); avoid class 1 on the first two images
+    cfg = ftt.Config(threshold=0.95, channels_last=False, ssl_forward=forward, teacher="none", unlearn=1.0)
+    avoid = torch.tensor([1, 1, -1, -1])
+    _, parts = ftt.ssl_forward(TwoExits().train(), solid(0)[:1], torch.tensor([0]), solid(255), solid(0),
+                               [1.0, 1.0], cfg, torch.device("cpu"), None, avoid)
+    assert parts[-1] == 0.5 and parts[-2] == 0.5  # the avoided images' pseudo-labels are dropped, at every exit
+    assert (parts[5] > 10) if forward == "one" else (parts[5] < 1e-6)  # p(1) ~ 1 on the weak view, ~ 0 on the strong
+    _, none = ftt.ssl_forward(TwoExits().train(), solid(0)[:1], torch.tensor([0]), solid(255), solid(0),
+                              [1.0, 1.0], cfg, torch.device("cpu"))
+    assert none[5] == 0 and none[-1] == 1.0  # without --unlearn's classes: every pseudo-label, no such term
+
+
+def test_unlearn_set_is_what_sad_puts_elsewhere_with_confidence():
+    k = 4
+    x = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 1, 2, 2).contiguous()
+    cls = torch.arange(40) % k  # Fixed: class (first pixel) mod k, probability 0.9
+    got = ftt.unlearn_set(Fixed(k), x, 2, torch.device("cpu"), False)
+    assert torch.equal(got, torch.nonzero(cls != 2).flatten())
+    assert len(ftt.unlearn_set(Fixed(k), x, 2, torch.device("cpu"), False, confidence=0.95)) == 0
+    assert len(ftt.unlearn_set(Fixed(k), x[:0], 2, torch.device("cpu"), False)) == 0
+
+
 def test_bn_momentum_sets_and_restores_every_batchnorm():
     net = ftt.build_backbone("wrn10-1", 1, 3)
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -568,6 +611,10 @@ def test_teacher_needs_a_trained_pass_and_holdout_a_share():
         harness.validate(ftt.Config(suspect_draws=0))
     with pytest.raises(harness.ConfigError, match="needs --ssl-pool drop-suspect"):
         harness.validate(ftt.Config(suspect_draws=3, ssl_pool="all"))  # it would change nothing, silently
+    with pytest.raises(harness.ConfigError, match="--unlearn"):
+        harness.validate(ftt.Config(unlearn=-1.0))
+    with pytest.raises(harness.ConfigError, match="needs --ssl-pool drop-suspect"):
+        harness.validate(ftt.Config(unlearn=1.0, ssl_pool="all"))  # no left-out images to choose from
     harness.validate(ftt.Config(suspect_draws=3))
 
 
@@ -683,6 +730,37 @@ def test_the_default_stage2_gives_back_what_sad_cost_with_the_backdoor_still_gon
     assert r["sad"]["acc"] < before["acc"], f"SAD cost nothing, so there is nothing to give back: {r}"
     assert r["ssl"]["acc"] >= r["sad"]["acc"] + GIVES_BACK, f"stage 2 did not give ACC back: {r}"
     assert r["ssl"]["asr"] <= 20, f"stage 2 brought the backdoor back: {r}"
+
+
+def test_unlearn_adds_the_left_out_images_sad_moved_with_only_not_the_suspect_class(tmp_path, capsys, tiny_backdoor,
+                                                                                     monkeypatch):
+    path = tiny_backdoor(0)[0]
+    capsys.readouterr()
+    seen, stage2 = [], ftt.stage2_ssl
+    monkeypatch.setattr(ftt, "stage2_ssl", lambda *a: (seen.append((len(a[3]), a[8], a[10])), stage2(*a))[1])
+    cfg = ftt.Config(**{**TINY, "sad_lr": 0.1, "sad_lr_max": 0.1, "ssl_epochs": 1, "mu": 2, "unlearn": 1.0},
+                     model=path, out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
+    r = ftt.main(cfg)["results"]
+    u, pool, ((n_u, teacher, avoid),) = r["unlearn"], r["ssl_pool"], seen
+    assert set(u) == {"suspect", "images", "held", "held_to_suspect"} and u["suspect"] == pool["suspect"]
+    assert 0 < u["images"] and u["held"] == (u["images"] + u["held"]) // 4  # a quarter kept out of training
+    assert u["images"] + u["held"] <= pool["dropped"] and 0 <= u["held_to_suspect"] <= 100
+    assert n_u == pool["kept"] + u["images"] == len(avoid) == len(teacher)  # stage 2's pool: the kept, then these
+    assert torch.equal(avoid, torch.tensor([-1] * pool["kept"] + [pool["suspect"]] * u["images"]))
+    assert teacher[pool["kept"]:].abs().sum() == 0  # no teacher target for them: "not the suspect class" only
+    assert "index" not in json.loads((tmp_path / "run" / "results.json").read_text())["results"]["unlearn"]
+    assert f"{u['images']} pool images the backdoored model puts in class {pool['suspect']}" in capsys.readouterr().out
+
+
+def test_unlearn_falls_back_with_a_line_when_the_pool_shows_no_suspect_class(capsys, monkeypatch):
+    monkeypatch.setattr(ftt, "POOL_SIGNAL", 2.0)  # no excess can reach it: the check sees no suspect class
+    g = torch.Generator().manual_seed(0)
+    x_l, y_l = torch.randint(0, 256, (24, 3, 16, 16), generator=g, dtype=torch.uint8), torch.arange(3).repeat(8)
+    x_pool = torch.randint(0, 256, (48, 3, 16, 16), generator=g, dtype=torch.uint8)
+    cfg = ftt.Config(sad_epochs=1, ssl_epochs=1, batch_size=8, mu=1, channels_last=False, quiet=True, unlearn=1.0)
+    _, results = ftt.purify(ftt.build_backbone("wrn10-1", 3, 3), x_l, y_l, x_pool, cfg)
+    assert "unlearn" not in results and "ssl" in results
+    assert "--unlearn: no suspect class in the pool, nothing to unlearn" in capsys.readouterr().out
 
 
 def test_pool_check_warns_when_the_backdoor_survives(tmp_path, capsys, tiny_backdoor):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchvision
 
+import bench
 import ftt
 import harness
 from conftest import needs_fashion, tiny_ssl_setup
@@ -41,7 +42,7 @@ def test_evaluation_every_n_epochs_and_always_after_the_last(tmp_path):
 def test_a_run_of_hours_is_told_what_to_run_instead():
     cfg = ftt.Config(arch="preact18", batch_size=4, mu=1, attack_batch=4)
     counts = {"train": 8, "clean": 4, "unlabelled": 4, "test": 4, "backdoor_test": 4}
-    steps_for = lambda arch: ftt.training_steps(cfg, arch, (1, 8, 8), 3, torch.device("cpu"))
+    steps_for = lambda arch: bench.training_steps(cfg, arch, (1, 8, 8), 3, torch.device("cpu"))
     line = harness.start_line(cfg, {"attack": 30 * 3600.0, "sad": 60.0, "ssl": 600.0}, torch.device("cpu"), counts, True,
                               steps_for)
     assert "estimated 30.2 h" in line and "./reproduce.sh quick" in line and "--arch wrn16-1 (about" in line
@@ -54,7 +55,7 @@ def test_estimate_counts_each_stage_from_its_own_steps_and_skips_what_does_not_r
     counts = {"train": 8, "clean": 4, "unlabelled": 4, "test": 4, "backdoor_test": 4}
     state = torch.get_rng_state()
     est = harness.estimate_run(cfg, "wrn10-1", counts, torch.device("cpu"), False,
-                               lambda arch: ftt.training_steps(cfg, arch, (1, 8, 8), 3, torch.device("cpu")))
+                               lambda arch: bench.training_steps(cfg, arch, (1, 8, 8), 3, torch.device("cpu")))
     assert torch.equal(torch.get_rng_state(), state)  # the run's random numbers are untouched
     assert est["attack"] == 0 and est["ssl"] == 0 and est["sad"] > 0
 
@@ -225,6 +226,23 @@ def test_killed_run_resumed_ends_exactly_like_an_uninterrupted_one(tmp_path):
     a, b = (torch.load(tmp_path / d / "purified.pt", weights_only=True) for d in ("whole", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run's"
     assert not (tmp_path / "cut" / "checkpoint.pt").exists()  # a finished run leaves no checkpoint
+
+
+def test_a_run_killed_in_stage_2_with_unlearn_resumes_on_the_images_sad_chose(tmp_path):
+    # --unlearn's images come from SAD's model, which a run resumed inside stage 2 no longer has: they are kept in
+    # the checkpoint, so the resumed run trains on the same ones and ends like the whole run
+    needs_fashion()
+    flags = SURVIVE + ["--unlearn", "1", "--cache", str(tmp_path / "cache")]
+    rc, log = run_ftt(flags, tmp_path / "whole")
+    assert rc == 0, log
+    rc, log = run_ftt(flags, tmp_path / "cut", kill_at="ssl epoch   2/3")
+    assert rc == -9 and torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["stage"] == "ssl", log
+    rc, log = run_ftt(flags + ["--resume"], tmp_path / "cut")
+    assert rc == 0 and "resumed after epoch" in log, log
+    whole, cut = (json.loads((tmp_path / d / "results.json").read_text())["results"] for d in ("whole", "cut"))
+    assert whole["unlearn"]["images"] > 0 and cut == whole
+    a, b = (torch.load(tmp_path / d / "purified.pt", weights_only=True) for d in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_run_killed_in_its_second_sad_attempt_resumes_that_attempt(tmp_path):
