@@ -75,7 +75,7 @@ def training_steps(cfg: ftt.Config, arch: str, shape: tuple, k: int, device: tor
     return {"attack": (model, lambda m: harness.supervised_forward(m, random_crop_flip(x[:ba]), y[:ba], cfg, device)),
             "sad": (net, lambda m: ftt.sad_forward(m, ftt.weak_augment(x[:b]), y[:b], w, cfg, device)[0]),
             "ssl": (net, lambda m: ftt.ssl_forward(m, ftt.weak_augment(x[:b]), y[:b], ftt.weak_augment(x[:bu]),
-                                               ftt.strong_augment(x[:bu]), w, cfg, device)[0]),
+                                                   ftt.strong_augment(x[:bu]), w, cfg, device)[0]),
             "eval": (model, x[:256], y[:256])}  # images/s of evaluation from one batch of 256
 
 

@@ -50,9 +50,9 @@ class Config(RunConfig):
     # stage 1: SAD
     sad_epochs: int = flag(20, "stage 1 epochs over the clean subset (NAD's budget)")
     sad_lr: float = flag(0.01, "stage 1 SGD lr, the first rung of the lr ladder")
-    sad_lr_max: float = flag(0.1, "top of the lr ladder (SAD reruns a 1-3-10 step up while the pool check fails); FT's lr")
+    sad_lr_max: float = flag(0.1, "top of the lr ladder (SAD climbs 1-3-10 steps while the pool check fails); FT/FP/NAD's")
     sad_early_check: float = flag(0.25, "beyond the paper: the pool check also after this share of a SAD attempt (0: off)")
-    sad_schedule: str = flag("cosine", "stage 1's, FT's, NAD's lr: cosine, or nad's", choices=("cosine", "nad"))
+    sad_schedule: str = flag("cosine", "stage 1, FT, NAD lr: cosine, or nad (/10 after 10%%)", choices=("cosine", "nad"))
     # eq. (5)-(7)
     beta: float = flag(0.03, "weight of the AP loss, eq. (7) (paper: 0.03)")
     lambda_u: float = flag(1.0, "weight of the unlabelled half of eq. (7) (paper: 1; FixMatch's lambda_u)", flag="--lambda")
