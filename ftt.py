@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -31,9 +30,9 @@ import torch.nn.functional as F
 
 from augment import cutout, rand_augment, random_crop_flip
 from harness import (ARCHS, SSL_POOLS, SCHEDULES, FiniteWatch, RunConfig, RunLog, RunState, autocast, bn_momentum,
-                     bn_reestimated, cosine, descend, ema_update, flag, frozen_bn_stats, hit_rate, logits_of, measured,
-                     parse_config, predictions, results_table, run_cli, save_atomic_text, sgd, to_input, versions)
-from loading import prepare, torchvision_backbone, write_defense_result
+                     bn_reestimated, cosine, descend, ema_update, flag, frozen_bn_stats, hit_rate, join_pool, logits_of,
+                     measured, parse_config, predictions, run_cli, sgd, to_input, versions)
+from loading import finish, prepare, torchvision_backbone
 
 Tensor = torch.Tensor
 SSL_STEPS = ("split", "one", "two")  # --ssl-forward
@@ -76,6 +75,8 @@ class Config(RunConfig):
     teacher_weight: float = flag(1.0, "weight of --teacher's cross-entropy beside eq. (7)")
     suspect_draws: int = flag(1, "beyond the paper: stage 2 draws the suspect class's labelled images N times a cycle")
     unlearn: float = flag(0.0, "beyond the paper: weight of -log(1 - p_suspect) on what SAD moved out of that class")
+    readmit: str = flag("none", "beyond the paper: suspect-class pool images SAD keeps there (p >= t) rejoin stage 2, "
+                                "pseudo-labelled (pseudo), also taught (taught)", choices=("none", "pseudo", "taught"))
     prior_shift: bool = flag(False, "beyond the paper: after stage 2, the suspect class's bias up to its clean share")
     holdout: float = flag(0.0, "share of the clean subset kept out of both stages: ACC on defender data")
     holdout_unseen: int = flag(0, "N clean images past --train-size (no model trained on them) kept out of both stages")
@@ -660,25 +661,27 @@ def drop_suspect(model: nn.Module, x_pool: Tensor, check: PoolCheck, device: tor
 
 
 def unlearn_set(sad: nn.Module, x_dropped: Tensor, suspect: int, device: torch.device, channels_last: bool = True,
-                confidence: float = 0.5) -> Tensor:
+                confidence: float = 0.5, stay: bool = False) -> Tensor:
     """--unlearn: the indices of the images drop-suspect left out (the backdoored model's suspect class) that SAD's
-    model puts in another class with probability >= confidence: on the development models 85-87% are triggered."""
+    model puts in another class with probability >= confidence: on the development models 85-87% are triggered.
+    stay (--readmit): those it keeps in the suspect class with probability >= confidence (there, 0-2% triggered)."""
     if not len(x_dropped):
         return torch.zeros(0, dtype=torch.long)
     conf, cls = logits_of(sad, x_dropped, device, channels_last).softmax(1).max(1)
-    return torch.nonzero((cls != suspect) & (conf >= confidence)).flatten()
+    return torch.nonzero(((cls == suspect) == stay) & (conf >= confidence)).flatten()
 
 
 def teacher_targets(model: nn.Module, x_pool: Tensor, check: PoolCheck, soft: bool, device: torch.device,
-                    channels_last: bool = True) -> Tensor | None:
+                    channels_last: bool = True, everywhere: bool = False) -> Tensor | None:
     """--teacher: the backdoored model's prediction of each pool image (soft: probabilities, hard: class), left out (a
-    zero row, -1) in the suspect class. None, with a line, when there is none: the trigger may have made any of them."""
+    zero row, -1) in the suspect class unless everywhere (--readmit taught). None, with a line, when there is none:
+    the trigger may have made any of them."""
     if not check.visible:
         print("ftt: --teacher: the pool check sees no suspect class, so the backdoored model's predictions may carry "
               "its trigger: stage 2 runs without them", flush=True)
         return None
     probs = logits_of(model, x_pool, device, channels_last).softmax(1)
-    keep = probs.argmax(1) != check.suspect
+    keep = (probs.argmax(1) != check.suspect) | everywhere
     return probs * keep[:, None] if soft else torch.where(keep, probs.argmax(1), -1)
 
 
@@ -794,6 +797,8 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
             results["ssl_pool"] = info
     teacher = teacher_targets(model, x_u, check, cfg.teacher == "soft", device, cfg.channels_last) \
         if cfg.teacher != "none" and cfg.ssl_epochs and len(x_u) else None
+    taught = teacher_targets(model, x_dropped, check, cfg.teacher == "soft", device, cfg.channels_last, everywhere=True) \
+        if cfg.readmit == "taught" and teacher is not None and results.get("ssl_pool") else None  # before SAD changes it
     t = time.time()
     net = sad_on_the_ladder(model, x_l, y_l, cfg, check, k, device, log, state, results)
     timings["sad_s"] = time.time() - t
@@ -801,8 +806,8 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
         diagnose(net.backbone, results["sad"])
     t = time.time()
     purified, avoid, s = net.backbone, None, (results.get("ssl_pool") or {}).get("suspect")
-    if cfg.unlearn > 0 and len(x_u) and cfg.ssl_epochs and s is None:
-        print("ftt: --unlearn: no suspect class in the pool, nothing to unlearn: stage 2 runs without it", flush=True)
+    if (cfg.unlearn > 0 or cfg.readmit != "none") and len(x_u) and cfg.ssl_epochs and s is None:
+        print("ftt: --unlearn, --readmit: no suspect class in the pool: stage 2 runs without them", flush=True)
     elif cfg.unlearn > 0 and len(x_u) and cfg.ssl_epochs:  # beyond the paper
         u = results.setdefault("unlearn", {"suspect": s})  # "index" stays while stage 2 runs: a resume has no SAD model
         if "index" not in u:
@@ -812,10 +817,15 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
         u.update(images=len(x_t), held=len(x_held))
         print(f"ftt: --unlearn: {len(x_t)} pool images the backdoored model puts in class {s} and SAD's model "
               f"elsewhere join stage 2 with 'not class {s}' as their only target ({len(x_held)} kept out)", flush=True)
-        avoid = torch.cat([torch.full((len(x_u),), -1), torch.full((len(x_t),), s)]).to(device)
-        teacher = None if teacher is None else \
-            torch.cat([teacher, teacher.new_zeros(len(x_t), *teacher.shape[1:]) - int(teacher.dim() == 1)])
-        x_u = torch.cat([x_u, x_t])
+        x_u, teacher, avoid = join_pool(x_u, teacher, avoid, x_t, avoid_new=s)
+    if cfg.readmit != "none" and s is not None and len(x_u) and cfg.ssl_epochs:  # beyond the paper
+        r = results.setdefault("readmit", {})  # "index" stays while stage 2 runs, as --unlearn's does
+        i = r["index"] = r["index"] if "index" in r else \
+            unlearn_set(net.backbone, x_dropped, s, device, cfg.channels_last, cfg.threshold, stay=True).cpu()
+        r["images"] = len(i)
+        print(f"ftt: --readmit: {len(i)} pool images that the backdoored model and SAD's (p >= {cfg.threshold}) both "
+              f"put in class {s} rejoin stage 2", flush=True)
+        x_u, teacher, avoid = join_pool(x_u, teacher, avoid, x_dropped[i], None if taught is None else taught[i])
     if len(x_u) and cfg.ssl_epochs:
         purified = stage2_ssl(net, x_l, y_l, x_u, cfg, device, log, state, teacher, s, avoid)  # s: --suspect-draws'
         results["ssl"] = measured(log.measure("ssl", purified))
@@ -826,7 +836,8 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
                 shifted["unshifted"], results["ssl"] = unshifted, measured(log.evaluate(purified))
         check.after("ssl", purified, results["ssl"])
         diagnose(purified, results["ssl"])
-        if avoid is not None:  # the kept-out quarter: the share the model still puts in class s, a backdoor reading
+        results.get("readmit", {}).pop("index", None)
+        if cfg.unlearn > 0 and s is not None:  # the kept-out quarter: the share still put in class s, a backdoor reading
             del u["index"]
             u["held_to_suspect"] = hit_rate(predictions(purified, x_held, device, cfg.channels_last), torch.tensor(s))
     elif not cfg.quiet:
@@ -848,9 +859,8 @@ def main(cfg: Config) -> dict:
     out, results, timings = Path(cfg.out), {}, {"data_s": p["data_s"]}
     state = RunState(out / "checkpoint.pt", cfg, results)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite and not cfg.resume:  # a fresh run: nothing of the old one may be resumed or mistaken for ours
-        for name in ("results.json", "checkpoint.pt", "log.jsonl"):
-            (out / name).unlink(missing_ok=True)
+    for name in ("results.json", "checkpoint.pt", "log.jsonl") if cfg.overwrite and not cfg.resume else ():
+        (out / name).unlink(missing_ok=True)  # a fresh run: nothing of the old one may be resumed or mistaken for ours
     train_attacker = not cfg.model and not state.done("attack")
     if cfg.compile and train_attacker:
         model.compile(mode=cfg.compile_mode)  # in place: its state_dict keeps its keys
@@ -864,25 +874,15 @@ def main(cfg: Config) -> dict:
         model.load_state_dict(torch.load(out / "backdoored.pt", map_location=device, weights_only=True))
     elif not cfg.model:
         backdoor(model, d, cfg, device, log, state)
-    timings["backdoor_s"] = time.time() - t
-    if not cfg.model:
         torch.save(model.state_dict(), out / "backdoored.pt")
+    timings["backdoor_s"] = time.time() - t
     results["before"] = measured(log.measure("attack", model))
     purified, results = purify(model, p["x_l"], p["y_l"], p["x_u"], cfg, k, device, log, state, timings, p["held_out"])
     timings["total_s"] = time.time() - t_start
-    torch.save(purified.state_dict(), out / "purified.pt")
     report = {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "versions": versions(), "device": str(device),
               "trigger": d["trigger"], "counts": d["counts"], "timings": timings, "results": results,
               "model": p["read"], "argv": sys.argv, **({"classes": d["classes"]} if "classes" in d else {})}
-    save_atomic_text(json.dumps(report, indent=1), out / "results.json")
-    (out / "checkpoint.pt").unlink(missing_ok=True)  # the run is finished; purified.pt is what remains
-    if cfg.backdoorbench:
-        print(f"wrote {write_defense_result(purified, p['read'], results[list(results)[-1]], cfg)}/defense_result.pt "
-              f"and ftt_df_summary.csv (BackdoorBench's format)")
-    title = (f"BackdoorBench record {Path(cfg.backdoorbench).name} ({cfg.dataset}, {cfg.arch})" if cfg.backdoorbench
-             else f"{cfg.attack} ({cfg.dataset if not cfg.clean_dir else 'your data'}, {cfg.arch})")
-    print("\n" + results_table(title, results))
-    print(f"\nwrote {out / 'purified.pt'} and {out / 'results.json'} ({timings['total_s'] / 60:.1f} min)")
+    finish(out, cfg, purified, report)
     return report
 
 

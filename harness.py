@@ -168,6 +168,10 @@ def validate(cfg) -> None:
     if getattr(cfg, "unlearn", 0.0) > 0 and cfg.ssl_pool != "drop-suspect":
         raise ConfigError(f"--unlearn {cfg.unlearn}: needs --ssl-pool drop-suspect (its images are among those "
                           f"drop-suspect leaves out)")
+    if getattr(cfg, "readmit", "none") != "none" and cfg.ssl_pool != "drop-suspect":
+        raise ConfigError(f"--readmit {cfg.readmit}: needs --ssl-pool drop-suspect (its images are among those it leaves out)")
+    if getattr(cfg, "readmit", "none") == "taught" and cfg.teacher == "none":
+        raise ConfigError("--readmit taught: needs --teacher soft or hard (its targets are the teacher's)")
     if getattr(cfg, "teacher", "none") != "none" and cfg.ssl_forward == "split":
         raise ConfigError(f"--teacher {cfg.teacher}: needs --ssl-forward one or two (a pass its loss can train); "
                           f"with --ssl-forward split give --teacher none")
@@ -516,6 +520,19 @@ def save_atomic(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def join_pool(x_u: Tensor, teacher: Tensor | None, avoid: Tensor | None, x_new: Tensor, taught: Tensor | None = None,
+              avoid_new: int = -1) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Stage 2's pool with x_new appended, and its per-image --teacher targets (taught; None: none, a zero row or -1)
+    and --unlearn classes (avoid_new; -1: none) with it. -> (x_u, teacher, avoid)."""
+    if teacher is not None:
+        rows = teacher.new_zeros(len(x_new), *teacher.shape[1:]) - int(teacher.dim() == 1) if taught is None else taught
+        teacher = torch.cat([teacher, rows.to(teacher.device)])
+    if avoid is not None or avoid_new >= 0:
+        own = avoid if avoid is not None else torch.full((len(x_u),), -1, device=x_u.device)
+        avoid = torch.cat([own, torch.full((len(x_new),), avoid_new, device=x_u.device)])
+    return torch.cat([x_u, x_new.to(x_u.device)]), teacher, avoid
 
 
 def save_atomic_text(text: str, path: Path) -> None:

@@ -6,6 +6,7 @@ tensors; nothing is decoded in a training loop.
 from __future__ import annotations
 
 import gzip
+import json
 import pickle
 import re
 import time
@@ -18,7 +19,7 @@ import torchvision
 from torchvision.transforms import v2
 
 import attacks
-from harness import ConfigError, DataError, evaluator, pick_device, validate
+from harness import ConfigError, DataError, evaluator, pick_device, results_table, save_atomic_text, validate
 
 Tensor = torch.Tensor
 
@@ -800,3 +801,19 @@ def prepare(cfg, build, make_trigger) -> dict:
             "read": read, "num_classes": d["num_classes"], "shape": tuple(x_l.shape[1:]), "data_s": time.time() - t0,
             "counts": {**d["counts"], "train": len(d.get("x_poisoned", ())), "clean": len(x_l),
                        "unlabelled": len(x_u), "test": len(x_te), "backdoor_test": len(x_bd)}}
+
+
+def finish(out: Path, cfg, purified: nn.Module, report: dict) -> None:
+    """ftt.main's last step: purified.pt, then results.json (report), the checkpoint gone, BackdoorBench's files under
+    --backdoorbench, and the results table on stdout."""
+    results, minutes = report["results"], report["timings"]["total_s"] / 60
+    torch.save(purified.state_dict(), out / "purified.pt")
+    save_atomic_text(json.dumps(report, indent=1), out / "results.json")
+    (out / "checkpoint.pt").unlink(missing_ok=True)  # the run is finished; purified.pt is what remains
+    if cfg.backdoorbench:
+        print(f"wrote {write_defense_result(purified, report['model'], results[list(results)[-1]], cfg)}"
+              f"/defense_result.pt and ftt_df_summary.csv (BackdoorBench's format)")
+    title = (f"BackdoorBench record {Path(cfg.backdoorbench).name} ({cfg.dataset}, {cfg.arch})" if cfg.backdoorbench
+             else f"{cfg.attack} ({cfg.dataset if not cfg.clean_dir else 'your data'}, {cfg.arch})")
+    print("\n" + results_table(title, results))
+    print(f"\nwrote {out / 'purified.pt'} and {out / 'results.json'} ({minutes:.1f} min)")

@@ -397,6 +397,7 @@ PY
       fi
       for v in $variants; do  # one-teacher-drawN: --suspect-draws N
         [[ $v == one-teacher-draw* ]] && how[$v]="--ssl-forward one --teacher soft --suspect-draws ${v##*draw}"
+        [[ $v == one-teacher-readmit-* ]] && how[$v]="--ssl-forward one --teacher soft --suspect-draws 1 --readmit ${v##*-}"
         if [[ $v == one-teacher-unlearn* ]]; then  # one-teacher-unlearnW[-drawN][-prior]: --unlearn W (and the others)
           o="--ssl-forward one --teacher soft --suspect-draws 1"; w=${v#one-teacher-unlearn}; o+=" --unlearn ${w%%-*}"
           [[ $v == *-draw* ]] && { d=${v##*-draw}; o+=" --suspect-draws ${d%%-*}"; }

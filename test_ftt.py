@@ -468,6 +468,25 @@ def test_unlearn_set_is_what_sad_puts_elsewhere_with_confidence():
     assert torch.equal(got, torch.nonzero(cls != 2).flatten())
     assert len(ftt.unlearn_set(Fixed(k), x, 2, torch.device("cpu"), False, confidence=0.95)) == 0
     assert len(ftt.unlearn_set(Fixed(k), x[:0], 2, torch.device("cpu"), False)) == 0
+    kept = ftt.unlearn_set(Fixed(k), x, 2, torch.device("cpu"), False, confidence=0.9, stay=True)  # --readmit's
+    assert torch.equal(kept, torch.nonzero(cls == 2).flatten())
+    assert len(ftt.unlearn_set(Fixed(k), x, 2, torch.device("cpu"), False, confidence=0.95, stay=True)) == 0
+
+
+@pytest.mark.parametrize("soft", [True, False])
+def test_join_pool_appends_images_with_their_targets_or_none(soft):
+    x_u, x_new = torch.zeros(3, 1, 2, 2, dtype=torch.uint8), torch.ones(2, 1, 2, 2, dtype=torch.uint8)
+    teacher = torch.rand(3, 4) if soft else torch.tensor([0, 3, -1])
+    x, t, avoid = harness.join_pool(x_u, teacher, None, x_new)
+    assert torch.equal(x, torch.cat([x_u, x_new])) and avoid is None  # no --unlearn class anywhere: none made
+    assert torch.equal(t[:3], teacher) and (t[3:].abs().sum() == 0 if soft else torch.all(t[3:] == -1))
+    taught = torch.rand(2, 4) if soft else torch.tensor([2, 1])
+    _, t, _ = harness.join_pool(x_u, teacher, None, x_new, taught)
+    assert torch.equal(t, torch.cat([teacher, taught]))
+    _, t, avoid = harness.join_pool(x_u, None, None, x_new, avoid_new=2)
+    assert t is None and avoid.tolist() == [-1, -1, -1, 2, 2]
+    _, _, avoid = harness.join_pool(torch.cat([x_u, x_new]), None, avoid, x_new)  # later images: no class to avoid
+    assert avoid.tolist() == [-1, -1, -1, 2, 2, -1, -1]
 
 
 def test_bn_momentum_sets_and_restores_every_batchnorm():
@@ -615,6 +634,11 @@ def test_teacher_needs_a_trained_pass_and_holdout_a_share():
         harness.validate(ftt.Config(unlearn=-1.0))
     with pytest.raises(harness.ConfigError, match="needs --ssl-pool drop-suspect"):
         harness.validate(ftt.Config(unlearn=1.0, ssl_pool="all"))  # no left-out images to choose from
+    with pytest.raises(harness.ConfigError, match="needs --ssl-pool drop-suspect"):
+        harness.validate(ftt.Config(readmit="pseudo", ssl_pool="all"))
+    with pytest.raises(harness.ConfigError, match="--readmit taught: needs --teacher"):
+        harness.validate(ftt.Config(readmit="taught", teacher="none"))
+    harness.validate(ftt.Config(readmit="pseudo", teacher="none"))
     harness.validate(ftt.Config(suspect_draws=3))
 
 
@@ -752,6 +776,25 @@ def test_unlearn_adds_the_left_out_images_sad_moved_with_only_not_the_suspect_cl
     assert f"{u['images']} pool images the backdoored model puts in class {pool['suspect']}" in capsys.readouterr().out
 
 
+def test_readmit_adds_the_left_out_images_sad_keeps_in_the_suspect_class_with_the_teachers_targets(tmp_path, capsys,
+                                                                                                    tiny_backdoor, monkeypatch):
+    path = tiny_backdoor(0)[0]
+    capsys.readouterr()
+    seen, stage2 = [], ftt.stage2_ssl
+    monkeypatch.setattr(ftt, "stage2_ssl", lambda *a: (seen.append((a[3], a[8], a[10])), stage2(*a))[1])
+    cfg = ftt.Config(**{**TINY, "sad_lr": 0.1, "sad_lr_max": 0.1, "ssl_epochs": 1, "mu": 2, "readmit": "taught",
+                        "threshold": 0.5},  # eq. (6)'s t, which --readmit shares: the tiny SAD model is rarely sure
+                     model=path, out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
+    r = ftt.main(cfg)["results"]
+    back, pool, ((x_u, teacher, avoid),) = r["readmit"], r["ssl_pool"], seen
+    assert 0 < back["images"] <= pool["dropped"] and avoid is None
+    assert len(x_u) == pool["kept"] + back["images"] == len(teacher)  # stage 2's pool: the kept, then these
+    rows = teacher[pool["kept"]:]  # the backdoored model's own predictions, all in the suspect class (so left out)
+    assert torch.allclose(rows.sum(1), torch.ones(len(rows))) and torch.all(rows.argmax(1) == pool["suspect"])
+    assert "index" not in json.loads((tmp_path / "run" / "results.json").read_text())["results"]["readmit"]
+    assert f"--readmit: {back['images']} pool images" in capsys.readouterr().out
+
+
 def test_unlearn_falls_back_with_a_line_when_the_pool_shows_no_suspect_class(capsys, monkeypatch):
     monkeypatch.setattr(ftt, "POOL_SIGNAL", 2.0)  # no excess can reach it: the check sees no suspect class
     g = torch.Generator().manual_seed(0)
@@ -760,7 +803,7 @@ def test_unlearn_falls_back_with_a_line_when_the_pool_shows_no_suspect_class(cap
     cfg = ftt.Config(sad_epochs=1, ssl_epochs=1, batch_size=8, mu=1, channels_last=False, quiet=True, unlearn=1.0)
     _, results = ftt.purify(ftt.build_backbone("wrn10-1", 3, 3), x_l, y_l, x_pool, cfg)
     assert "unlearn" not in results and "ssl" in results
-    assert "--unlearn: no suspect class in the pool, nothing to unlearn" in capsys.readouterr().out
+    assert "--unlearn, --readmit: no suspect class in the pool" in capsys.readouterr().out
 
 
 def test_pool_check_warns_when_the_backdoor_survives(tmp_path, capsys, tiny_backdoor):
