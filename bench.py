@@ -51,6 +51,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--mu", type=int, default=7, help="unlabelled batch = mu b (FixMatch: 7)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--keep-memory", action=argparse.BooleanOptionalAction, default=True, help="as ftt.py's")
+    ap.add_argument("--ssl-exits", default="all", choices=("all", "deep"), help="as ftt.py's")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model of every row")
     ap.add_argument("--compile-mode", default="reduce-overhead", choices=("default", "reduce-overhead", "max-autotune"),
                     help="torch.compile's mode (reduce-overhead: CUDA graphs) (default: %(default)s)")
@@ -75,7 +77,8 @@ def training_steps(cfg: ftt.Config, arch: str, shape: tuple, k: int, device: tor
     return {"attack": (model, lambda m: harness.supervised_forward(m, random_crop_flip(x[:ba]), y[:ba], cfg, device)),
             "sad": (net, lambda m: ftt.sad_forward(m, ftt.weak_augment(x[:b]), y[:b], w, cfg, device)[0]),
             "ssl": (net, lambda m: ftt.ssl_forward(m, ftt.weak_augment(x[:b]), y[:b], ftt.weak_augment(x[:bu]),
-                                                   ftt.strong_augment(x[:bu]), w, cfg, device)[0]),
+                                                   ftt.strong_augment(x[:bu]), ftt.ssl_exit_weights(net, cfg), cfg,
+                                                   device)[0]),
             "eval": (model, x[:256], y[:256])}  # images/s of evaluation from one batch of 256
 
 
@@ -126,10 +129,10 @@ def rate(step, images: int, device: torch.device, warmup: int, windows: int, ste
 
 
 def bench(args: argparse.Namespace) -> dict:
-    device = harness.pick_device(args.device)
+    device = harness.pick_device(args.device, args.keep_memory)
     c, h, w = (int(v) for v in args.shape.split(","))
     b, bu = args.batch, args.mu * args.batch
-    cfg = ftt.Config(arch=args.arch, batch_size=b, mu=args.mu, channels_last=args.channels_last)
+    cfg = ftt.Config(arch=args.arch, batch_size=b, mu=args.mu, channels_last=args.channels_last, ssl_exits=args.ssl_exits)
     torch.manual_seed(0)
     # a uint8 dataset on the device, as ftt.main holds its data
     pool_x = torch.randint(0, 256, (args.pool, c, h, w), dtype=torch.uint8, device=device)
@@ -178,7 +181,7 @@ def bench(args: argparse.Namespace) -> dict:
 
     def ssl_step(pipeline: bool):
         net, opt, sched = model(True)
-        weights = ftt.exit_weights(len(net.exits) + 1)
+        weights = ftt.ssl_exit_weights(net, cfg)
         u = pool_x[:bu]
         fixed = (random_crop_flip(pool_x[bu:bu + b]), pool_y[bu:bu + b], random_crop_flip(u), ftt.strong_augment(u))
 

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from augment import cutout, rand_augment, random_crop_flip
 from harness import (ARCHS, SSL_POOLS, SCHEDULES, FiniteWatch, RunConfig, RunLog, RunState, autocast, bn_momentum,
                      bn_reestimated, cosine, descend, ema_update, flag, frozen_bn_stats, hit_rate, join_pool, logits_of,
-                     measured, parse_config, predictions, run_cli, sgd, to_input, versions)
+                     lr_ladder, measured, parse_config, predictions, run_cli, sgd, to_input, versions)
 from loading import finish, prepare, torchvision_backbone
 
 Tensor = torch.Tensor
-SSL_STEPS = ("split", "one", "two")  # --ssl-forward
+SSL_STEPS, SSL_EXITS = ("split", "one", "two"), ("all", "deep")  # --ssl-forward, --ssl-exits
 
 
 # ================================================================================================
@@ -69,6 +69,7 @@ class Config(RunConfig):
     ssl_forward: str = flag("one", "stage 2's step: one trained pass (FixMatch), or the weak views in a no-grad pass "
                                    "without (split: the paper's) or with BatchNorm updates (two)", choices=SSL_STEPS)
     ssl_bn_momentum: float = flag(0.0, "BatchNorm momentum during stage 2 (FixMatch: 0.001; 0: the model's own)")
+    ssl_exits: str = flag("deep", "stage 2 trains the deepest exit alone, or every exit as eq. (7) (all)", choices=SSL_EXITS)
     ssl_decay_all: bool = flag(True, "stage 2's weight decay on every tensor (FixMatch: not on biases, BatchNorm)")
     teacher: str = flag("soft", "beyond the paper: the backdoored model's predictions outside the suspect class as "
                                 "targets (none: the paper)", choices=("none", "hard", "soft"))
@@ -264,11 +265,11 @@ class Branched(nn.Module):
         steps = [(a[0], b[0], round(a[1] / b[1])) for a, b in zip(shapes[:-1], shapes[1:])]
         self.exits = nn.ModuleList(ExitBranch(steps[i:], num_classes) for i in range(len(shapes) - 1))
 
-    def forward(self, x: Tensor):
+    def forward(self, x: Tensor, exits: bool = True):
         if not self.training:
             return self.backbone(x)
         feats = stage_outputs(self.backbone, x)
-        outs = [branch(f) for branch, f in zip(self.exits, feats[:-1])]
+        outs = [branch(f) for branch, f in zip(self.exits, feats[:-1])] if exits else []
         logits = [o[0] for o in outs] + [self.backbone.head(feats[-1])]
         return logits, [o[1] for o in outs] + [feats[-1]]
 
@@ -321,6 +322,11 @@ def exit_weights(n_exits: int) -> list[float]:
     return [(i + 1) / n_exits for i in range(n_exits)]
 
 
+def ssl_exit_weights(net: Branched, cfg: Config) -> list[float]:
+    """Stage 2's exits: eq. (1)'s weights for every exit (the paper), or [1] for the deepest alone (--ssl-exits deep)."""
+    return exit_weights(len(net.exits) + 1) if cfg.ssl_exits == "all" else [1.0]
+
+
 def exit_cross_entropy(logits: list[Tensor], targets: list[Tensor], weights: list[float]) -> Tensor:
     """eq. (1) summed over exits: sum_i w_i CE(q_i, y_i). logits: list of (B, K); targets: list
     of (B,) with -1 for 'no label' (counted as 0, the mean still over B, as FixMatch does)."""
@@ -342,7 +348,7 @@ def sad_loss(logits: list[Tensor], feats: list[Tensor], y: Tensor, weights: list
     Returns (loss, ce, ap)."""
     ce = exit_cross_entropy(logits, [y] * len(logits), weights)
     f_d = feats[-1].detach() if detach_deep else feats[-1]
-    ap = sum(reduce_ap(ap_loss(f, f_d, p), reduce) for f in feats[:-1])
+    ap = sum((reduce_ap(ap_loss(f, f_d, p), reduce) for f in feats[:-1]), f_d.new_zeros(()))
     return ce + beta * ap, ce, ap
 
 
@@ -355,7 +361,7 @@ def ssl_loss(logits_s: list[Tensor], feats_s: list[Tensor], pseudo: list[Tensor]
     passing t the loss is 0. Means are over the whole unlabelled batch. Returns (loss, ce, ap)."""
     ce = exit_cross_entropy(logits_s, pseudo, weights)
     f_d = feats_s[-1].detach() if detach_deep else feats_s[-1]
-    ap = sum(reduce_ap(ap_loss(f, f_d, p), reduce, y >= 0) for f, y in zip(feats_s[:-1], pseudo[:-1]))
+    ap = sum((reduce_ap(ap_loss(f, f_d, p), reduce, y >= 0) for f, y in zip(feats_s[:-1], pseudo[:-1])), f_d.new_zeros(()))
     return lambda_u * (ce + beta * ap), ce, ap
 
 
@@ -413,16 +419,16 @@ def ssl_forward(net: Branched, xb: Tensor, yb: Tensor, u_weak: Tensor, u_strong:
     BatchNorm statistics from all three); split: the weak view in a no-grad pass that leaves them alone; two: one that
     updates them. Beyond the paper, for the view with a gradient: teacher, --teacher's targets; avoid, --unlearn's
     classes (no pseudo-label there). -> (loss, (ce_l, ap_l, ce_u, ap_u, teacher, unlearn, kept share per exit))."""
-    n, m = len(xb), len(u_weak)
+    n, m, every = len(xb), len(u_weak), cfg.ssl_exits == "all"  # --ssl-exits deep: the deepest exit alone
     if cfg.ssl_forward == "one":
         with autocast(device):
-            logits, feats = net(to_input(torch.cat([xb, u_weak, u_strong]), cfg.channels_last))
+            logits, feats = net(to_input(torch.cat([xb, u_weak, u_strong]), cfg.channels_last), every)
         logits_u_w, strong = [z[n:n + m] for z in logits], slice(n + m, None)
     else:
         with torch.no_grad(), autocast(device), frozen_bn_stats(net) if cfg.ssl_forward == "split" else nullcontext():
-            logits_u_w, _ = net(to_input(u_weak, cfg.channels_last))
+            logits_u_w, _ = net(to_input(u_weak, cfg.channels_last), every)
         with autocast(device):
-            logits, feats = net(to_input(torch.cat([xb, u_strong]), cfg.channels_last))
+            logits, feats = net(to_input(torch.cat([xb, u_strong]), cfg.channels_last), every)
         strong = slice(n, None)
     pseudo = [pseudo_labels(z.detach().float().softmax(1), cfg.threshold) for z in logits_u_w]  # eq. (6), per exit
     if avoid is not None:  # --unlearn's images: a trigger may still pick their pseudo-label; "not class c" only
@@ -498,13 +504,13 @@ def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config
     """Trains net on the labelled x_l, y_l and the unlabelled x_u (uint8 (N, C, H, W)) with eq. (7) whole;
     teacher, avoid: --teacher's targets, --unlearn's classes, one per image of x_u; suspect: labelled_cycle's. -> the
     model to keep: with cfg.ema > 0 an EMA of the weights (evaluated every epoch and saved), else the backbone."""
-    weights = exit_weights(len(net.exits) + 1)
+    weights = ssl_exit_weights(net, cfg)
     b, bu = cfg.batch_size, cfg.mu * cfg.batch_size
     steps, total_steps = ssl_schedule(len(x_u), cfg)
     opt = sgd(net.parameters(), cfg.ssl_lr, cfg, nesterov=True, decay_all=cfg.ssl_decay_all)
     sched = cosine(opt, total_steps)
     names = ["ce_l", "ap_l", "ce_u", "ap_u", "teacher", "unlearn"] + \
-        [f"mask{i}" for i in range(1, len(net.exits) + 1)] + ["mask"]  # pseudo-labels kept at exit i, at the deepest
+        [f"mask{i}" for i in range(1, len(weights))] + ["mask"]  # pseudo-labels kept at exit i, at the deepest
     ema = copy.deepcopy(net.backbone).requires_grad_(False) if cfg.ema > 0 else None
     cycle = labelled_cycle(y_l, suspect, cfg.suspect_draws)
     shuffled = lambda: cycle[torch.randperm(len(cycle), device=cycle.device)]
@@ -537,10 +543,8 @@ def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config
             log.step(len(u), epoch)
         log.pause()
         watch.check("ssl", epoch)
-        parts = dict(zip(names, (sums / steps).tolist()))  # read once per epoch
-        for name, t in (("teacher", teacher), ("unlearn", avoid)):
-            if t is None:
-                del parts[name]
+        off = {n for n, t in (("teacher", teacher), ("unlearn", avoid)) if t is None}
+        parts = {n: v for n, v in zip(names, (sums / steps).tolist()) if n not in off}  # read once per epoch
         if state:
             state.save("ssl", epoch, net, opt, sched, {"perm_l": perm_l.cpu(), "pos_l": pos_l,
                                                        **({"ema": ema.state_dict()} if ema is not None else {})})
@@ -702,12 +706,6 @@ def prior_shift(model: nn.Module, check: PoolCheck, channels_last: bool = True) 
         lo, hi = (lo, (lo + hi) / 2) if share((lo + hi) / 2) >= target else ((lo + hi) / 2, hi)
     head.bias[s] += hi + 1e-4  # past the boundary: the layer's own arithmetic may round a tie the other way
     return {"class": s, "shift": hi + 1e-4}
-
-
-def lr_ladder(start: float, top: float) -> list[float]:
-    """start, then 1-3-10 steps up to top: (0.01, 0.1) -> [0.01, 0.03, 0.1]; top <= start -> [start]."""
-    steps = [float(f"{start * 10 ** (i // 2) * (3 if i % 2 else 1):.12g}") for i in range(1, 40)]  # x3, x10, x30, ...
-    return [start] + [lr for lr in steps if lr <= top * (1 + 1e-9)]
 
 
 def sad_on_the_ladder(model: nn.Module, x_l: Tensor, y_l: Tensor, cfg: Config, check: PoolCheck, k: int,

@@ -781,7 +781,7 @@ def prepare(cfg, build, make_trigger) -> dict:
     check_tv_arch(cfg.arch)
     normalization(cfg.normalize)  # its syntax; the channel count is checked once the data is read
     t0 = time.time()
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, cfg.keep_memory)
     torch.manual_seed(cfg.seed)
     d = load_data(cfg, device, make_trigger)
     x_l, y_l, x_u = d["x_l"].to(device), d["y_l"].to(device), d["x_u"].to(device)

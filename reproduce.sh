@@ -35,7 +35,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 name=${1:-}; shift || true
 RUNS=${RUNS:-runs}
-PAPER_SSL="--ssl-pool all --ssl-forward split --teacher none"  # the paper's stage 2 (tables 3, 4, quick-ablation)
+PAPER_SSL="--ssl-pool all --ssl-forward split --teacher none --ssl-exits all"  # the paper's stage 2 (tables 3, 4, quick-ablation)
 
 table() {  # table TITLE JSON... : a Markdown table of ACC / ASR / PSNR per results JSON
   python3 - "$@" <<'PY'
@@ -381,6 +381,7 @@ PY
       [fixmatch]="--ssl-forward one --ssl-bn-momentum 0.001 --no-ssl-decay-all --teacher none"
       [fixmatch-teacher]="--ssl-forward one --ssl-bn-momentum 0.001 --no-ssl-decay-all --teacher soft"
       [one-teacher]="--ssl-forward one --teacher soft --suspect-draws 1"
+      [one-teacher-deep]="--ssl-forward one --teacher soft --suspect-draws 1 --ssl-exits deep"
       [two-teacher]="--ssl-forward two --teacher soft --suspect-draws 1"
       [one-teacher-prior]="--ssl-forward one --teacher soft --prior-shift --suspect-draws 1"
       [paper]="$PAPER_SSL")
@@ -403,8 +404,9 @@ PY
           [[ $v == *-draw* ]] && { d=${v##*-draw}; o+=" --suspect-draws ${d%%-*}"; }
           [[ $v == *-prior* ]] && o+=" --prior-shift"; how[$v]=$o
         fi
+        exits="--ssl-exits all"; [[ $v == *deep* ]] && exits=""  # every variant before -deep ran on every exit
         cell "$dir/$r/$v-p$passes$tag" ftt.py "${flags[@]}" --model "$model" "${hold[@]}" --ssl-epochs "$passes" \
-          ${how[$v]} --quiet "$@"
+          $exits ${how[$v]} --quiet "$@"
       done
       for b in ${BASELINES:-}; do  # e.g. "ft nad": the paper's claim (a) beside FTT(SAD), at their defaults
         cell "$dir/$r/$b" baselines.py --method "$b" "${flags[@]}" --model "$model" --quiet "$@"

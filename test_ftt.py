@@ -186,6 +186,15 @@ def test_gradients_reach_every_branch():
             assert prm.grad is not None and prm.grad.abs().sum() > 0, f"exit {i}: no gradient at {name}"
 
 
+def test_without_exits_the_trained_forward_is_the_deepest_exit_alone():
+    torch.manual_seed(0)
+    net = ftt.Branched(ftt.build_backbone("wrn16-1", 3, 5), (3, 16, 16), 5).train()
+    x = torch.rand(4, 3, 16, 16)
+    (deep,), (f_d,) = net(x, exits=False)
+    logits, feats = net(x)
+    assert torch.allclose(deep, logits[-1], atol=1e-6) and torch.allclose(f_d, feats[-1], atol=1e-6)
+
+
 def test_exits_attach_to_any_backbone_exposing_stem_stages_head():
     class Tiny(nn.Module):  # a user's own model: only the three attributes are required
         def __init__(self):
@@ -278,12 +287,12 @@ class TwoExits(nn.Module):
         self.bn = nn.BatchNorm2d(1)
         self.scale = nn.Parameter(torch.tensor(30.0))
 
-    def forward(self, x):
+    def forward(self, x, exits=True):
         self.bn(x[:, :1])  # updates running statistics in train mode, as a real backbone does
         bright = x.mean((1, 2, 3)) * 2 - 1  # -1 for black, +1 for white
         deep = torch.stack([-bright, bright], 1) * self.scale
         feats = [x.expand(-1, 2, -1, -1), x.expand(-1, 2, -1, -1)]
-        return [-deep, deep], feats
+        return ([-deep, deep], feats) if exits else ([deep], feats[1:])
 
 
 def solid(value, n=4, size=4):
@@ -413,6 +422,23 @@ def test_stage_2_batchnorm_statistics_come_from_the_views_its_forward_trains(for
     assert torch.allclose(first.running_mean, inp.mean((0, 2, 3)), atol=1e-5)  # the trained pass set the statistics
 
 
+def test_ssl_exits_deep_is_eq_7_at_the_deepest_exit_alone_and_leaves_the_exits_untrained():
+    # --ssl-exits deep: eq. (1)'s deepest term with weight 1 and no AP term; its cross-entropies are those the
+    # every-exit step computes at the deepest exit of the same batch (BatchNorm sees the same views either way)
+    net, x_l, y_l, x_u, cfg = tiny_ssl_setup()
+    cfg = dataclasses.replace(cfg, teacher="none", threshold=0.5, ssl_exits="all")
+    args = (x_l[:8], y_l[:8], x_u[:16], x_u[16:32])
+    deep_cfg = dataclasses.replace(cfg, ssl_exits="deep")
+    assert ftt.ssl_exit_weights(net, deep_cfg) == [1.0] and ftt.ssl_exit_weights(net, cfg) == ftt.exit_weights(3)
+    _, every = ftt.ssl_forward(net.train(), *args, [0.0, 0.0, 1.0], cfg, torch.device("cpu"))
+    loss, deep = ftt.ssl_forward(net, *args, ftt.ssl_exit_weights(net, deep_cfg), deep_cfg, torch.device("cpu"))
+    assert torch.allclose(deep[[0, 2]], every[[0, 2]], atol=1e-5) and deep[1] == deep[3] == 0  # CE equal, no AP
+    assert torch.equal(deep[-1], every[-1])  # the deepest exit's share of pseudo-labels
+    loss.backward()
+    assert all(p.grad is None for p in net.exits.parameters())
+    assert all(p.grad is not None for p in net.backbone.parameters())
+
+
 @pytest.mark.parametrize("forward", ["one", "two"])
 def test_the_teacher_trains_the_view_that_has_a_gradient(forward):
     # one: the teacher's targets go on the weak view (it is trained in the one pass); two: the weak pass has no
@@ -449,7 +475,7 @@ def test_unlearn_loss_is_minus_log_one_minus_p_of_the_avoided_class_and_pushes_o
 @pytest.mark.parametrize("forward", ["one", "two"])
 def test_unlearned_images_get_no_pseudo_label_and_their_loss_on_the_trained_view(forward):
     # weak white (the deepest exit: class 1), strong black (class 0); avoid class 1 on the first two images
-    cfg = ftt.Config(threshold=0.95, channels_last=False, ssl_forward=forward, teacher="none", unlearn=1.0)
+    cfg = ftt.Config(threshold=0.95, channels_last=False, ssl_forward=forward, teacher="none", unlearn=1.0, ssl_exits="all")
     avoid = torch.tensor([1, 1, -1, -1])
     _, parts = ftt.ssl_forward(TwoExits().train(), solid(0)[:1], torch.tensor([0]), solid(255), solid(0),
                                [1.0, 1.0], cfg, torch.device("cpu"), None, avoid)
@@ -642,15 +668,17 @@ def test_teacher_needs_a_trained_pass_and_holdout_a_share():
     harness.validate(ftt.Config(suspect_draws=3))
 
 
-def test_ssl_with_a_teacher_logs_its_loss_and_each_exits_share_of_pseudo_labels(tmp_path):
+@pytest.mark.parametrize("exits", ["all", "deep"])
+def test_ssl_with_a_teacher_logs_its_loss_and_each_exits_share_of_pseudo_labels(exits, tmp_path):
     net, x_l, y_l, x_u, cfg = tiny_ssl_setup()
-    cfg = dataclasses.replace(cfg, ssl_forward="one", teacher="hard", threshold=0.5, ssl_epochs=1)
+    cfg = dataclasses.replace(cfg, ssl_forward="one", teacher="hard", threshold=0.5, ssl_epochs=1, ssl_exits=exits)
     log = tmp_path / "log.jsonl"
     teacher = torch.randint(-1, 3, (len(x_u),), generator=torch.Generator().manual_seed(0))
     ftt.stage2_ssl(net, x_l, y_l, x_u, cfg, torch.device("cpu"), harness.RunLog(path=log, quiet=True), None, teacher)
     row = json.loads(log.read_text().splitlines()[-1])
-    assert row["teacher"] > 0 and {"mask1", "mask2", "mask"} <= set(row)
-    assert all(0 <= row[m] <= 1 for m in ("mask1", "mask2", "mask"))
+    shares = ["mask1", "mask2", "mask"] if exits == "all" else ["mask"]  # the deepest exit's share: "mask"
+    assert row["teacher"] > 0 and set(shares) == {k for k in row if k.startswith("mask")}
+    assert all(0 <= row[m] <= 1 for m in shares)
 
 
 @given(st.floats(1e-5, 1.0), st.floats(1e-5, 10.0))

@@ -3,6 +3,9 @@ loops that read the device once per epoch, bad flags refused in one line before 
 survive a kill (--resume) or a non-finite loss, the same figures for the same seed, and bench.py's table."""
 import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -295,6 +298,24 @@ def test_same_seed_gives_the_same_results_json_apart_from_timings(tmp_path):
     assert first == second
 
 # ------------------------------------------------------------------ bench.py: every row, ratios, JSON
+
+IN_HEAP = """
+import sys, torch, harness
+kept = harness.keep_freed_memory() if sys.argv[1] == "keep" else None
+x = torch.ones(2 ** 24)  # 64 MiB, past glibc's largest threshold for a block of its own (32 MiB)
+lo, hi = (int(v, 16) for l in open("/proc/self/maps") if l.rstrip().endswith("[heap]") for v in l.split()[0].split("-"))
+print(kept, lo <= x.data_ptr() < hi)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_puts_a_steps_large_tensors_in_the_heap_that_is_kept():
+    # glibc maps a 64 MiB block on its own and unmaps it when freed, so the next step faults its pages in afresh;
+    # after keep_freed_memory() it comes from the heap, which is not trimmed (what that buys: docs/results.md)
+    run = lambda how: subprocess.run([sys.executable, "-c", IN_HEAP, how], capture_output=True, text=True,
+                                     check=True, cwd=Path(__file__).parent).stdout.split()
+    assert run("keep") == ["True", "True"] and run("default") == ["None", "False"]
+
 
 def test_bench_times_every_step_kind_and_writes_its_table_as_json(tmp_path):
     import bench
