@@ -52,7 +52,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--keep-memory", action=argparse.BooleanOptionalAction, default=True, help="as ftt.py's")
-    ap.add_argument("--ssl-exits", default="all", choices=("all", "deep"), help="as ftt.py's")
+    ap.add_argument("--ssl-exits", default=ftt.Config.ssl_exits, choices=ftt.SSL_EXITS, help="as ftt.py's")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model of every row")
     ap.add_argument("--compile-mode", default="reduce-overhead", choices=("default", "reduce-overhead", "max-autotune"),
                     help="torch.compile's mode (reduce-overhead: CUDA graphs) (default: %(default)s)")
