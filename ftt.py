@@ -3,9 +3,8 @@
 Stage 1, SAD: early exits after every stage but the last; train on a small clean labelled set with the
 exit-weighted cross-entropy (eq. 1) plus the attention presentation loss to the deepest feature (eq. 2-5).
 Stage 2, SSL: the poisoned pool, labels thrown away, joins through per-exit FixMatch pseudo-labels (eq. 6, 7).
-Measured (docs/results.md, 2 CPU cores): on five backdoored WRN-16-1 models other groups released, ASR 99.69 -> 4.27
-and ACC 84.87 -> 84.07 (means; `./reproduce.sh third-party-table`) with SSL on every exit; at today's default (the
-deepest exit) ASR 99.69 -> 5.08, ACC 84.87 -> 84.32. The paper's +9 points from SSL did not appear.
+Measured (docs/results.md, 2 CPU cores), at the defaults on five backdoored WRN-16-1 models other groups released:
+ASR 99.69 -> 5.08, ACC 84.87 -> 84.32 (means; `./reproduce.sh third-party-table`). The paper's +9 from SSL did not appear.
 
   eq. (1)  exit_weights, exit_cross_entropy     eq. (5)  ap_loss, reduce_ap (the batch reduction is ours)
   eq. (2)  attention_sum                        eq. (6)  pseudo_labels
@@ -31,8 +30,8 @@ import torch.nn.functional as F
 
 from augment import cutout, rand_augment, random_crop_flip
 from harness import (ARCHS, SSL_POOLS, SCHEDULES, FiniteWatch, RunConfig, RunLog, RunState, autocast, bn_momentum,
-                     bn_reestimated, cosine, descend, ema_update, flag, frozen_bn_stats, hit_rate, join_pool, logits_of,
-                     lr_ladder, measured, parse_config, predictions, run_cli, sgd, to_input, versions)
+                     bn_reestimated, cosine, descend, ema_update, flag, frozen_bn_stats, held_out_rates, hit_rate, join_pool,
+                     logits_of, lr_ladder, measured, parse_config, predictions, run_cli, sgd, to_input, versions)
 from loading import finish, prepare, torchvision_backbone
 
 Tensor = torch.Tensor
@@ -590,8 +589,7 @@ def moved(pred_before: Tensor, pred_after: Tensor, suspect: int, k: int) -> tupl
     if len(left) == 0:
         return -1, 0.0, 0.0
     counts = torch.bincount(left.cpu(), minlength=k)
-    top = int(counts.argmax())
-    return top, float(counts[top]) / len(left), float(counts[top]) / len(pred_after)
+    return int(counts.argmax()), float(counts.max()) / len(left), float(counts.max()) / len(pred_after)
 
 
 class PoolCheck:
@@ -617,12 +615,8 @@ class PoolCheck:
 
     def held_out_acc(self, model: nn.Module) -> dict:
         """ACC on the held-out clean images, and on the suspect class's alone: {} without held-out images."""
-        if self.held_out is None:
-            return {}
-        (x, y), own = self.held_out, self.held_out[1] == (self.suspect if self.suspect is not None else -1)
-        pred = self.predict_on(model, x)
-        return {"acc_held_out": hit_rate(pred, y), **({"acc_held_out_suspect": hit_rate(pred[own], y[own])}
-                                                      if own.any() else {})}
+        return {} if self.held_out is None else \
+            held_out_rates(self.predict_on(model, self.held_out[0]), self.held_out[1], self.suspect)
 
     def after(self, stage: str, model: nn.Module, result: dict) -> bool:
         """result["pool"] for `model` after `stage`; True (and a warning line) when the backdoor survived; a
@@ -784,12 +778,13 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
         before["pool"] = pool_report(check.excess)
     before["acc_labelled"] = hit_rate(predictions(model, x_l, device, cfg.channels_last), y_l)
     before.update(check.held_out_acc(model))
-    probe = check.probe
 
     def diagnose(m: nn.Module, result: dict) -> None:  # ACC, ASR, RA with BatchNorm's statistics from the pool
-        if log.evaluates and len(probe):
-            result["bn_pool"] = measured(log.evaluate(bn_reestimated(m, probe, device, weak_augment, cfg.channels_last)))
+        if log.evaluates and len(p := check.probe):
+            result["bn_pool"] = measured(log.evaluate(bn_reestimated(m, p, device, weak_augment, cfg.channels_last)))
     diagnose(model, before)
+    if not cfg.sad_epochs and not cfg.ssl_epochs:  # an attacker's run, a floor: no stage, the model as it is
+        return model, results
     if cfg.ssl_pool == "drop-suspect" and cfg.ssl_epochs and len(x_u):
         x_u, info, x_dropped = drop_suspect(model, x_u, check, device, cfg.channels_last)  # before SAD changes it
         if info:
@@ -805,13 +800,14 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
         diagnose(net.backbone, results["sad"])
     t = time.time()
     purified, avoid, s = net.backbone, None, (results.get("ssl_pool") or {}).get("suspect")
+    back = results.setdefault("moved_back", {}) if s is not None and len(x_u) and cfg.ssl_epochs else None
+    if back is not None and "index" not in back:  # kept while stage 2 runs: a resume has no SAD model
+        back["index"] = unlearn_set(net.backbone, x_dropped, s, device, cfg.channels_last).cpu()
     if (cfg.unlearn > 0 or cfg.readmit != "none") and len(x_u) and cfg.ssl_epochs and s is None:
         print("ftt: --unlearn, --readmit: no suspect class in the pool: stage 2 runs without them", flush=True)
     elif cfg.unlearn > 0 and len(x_u) and cfg.ssl_epochs:  # beyond the paper
-        u = results.setdefault("unlearn", {"suspect": s})  # "index" stays while stage 2 runs: a resume has no SAD model
-        if "index" not in u:
-            u["index"] = unlearn_set(net.backbone, x_dropped, s, device, cfg.channels_last).cpu()
-        order = u["index"][torch.randperm(len(u["index"]), generator=torch.Generator().manual_seed(cfg.seed))]
+        u = results.setdefault("unlearn", {"suspect": s})  # its images: what SAD moved out of class s (moved back's)
+        order = back["index"][torch.randperm(len(back["index"]), generator=torch.Generator().manual_seed(cfg.seed))]
         x_held, x_t = x_dropped[order[:len(order) // 4]], x_dropped[order[len(order) // 4:]]  # a quarter kept out
         u.update(images=len(x_t), held=len(x_held))
         print(f"ftt: --unlearn: {len(x_t)} pool images the backdoored model puts in class {s} and SAD's model "
@@ -836,8 +832,13 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
         check.after("ssl", purified, results["ssl"])
         diagnose(purified, results["ssl"])
         results.get("readmit", {}).pop("index", None)
+        if back is not None:  # beyond the paper: a backdoor reading without the trigger (mostly triggered images)
+            i = back.pop("index")
+            pred = predictions(purified, x_dropped[i], device, cfg.channels_last)
+            back.update(images=len(i), share=hit_rate(pred, torch.tensor(s)) if len(i) else None)
+            print(f"ftt: pool check: the purified model puts {back['share'] or 0:.1f}% of the {len(i)} pool images that SAD "
+                  f"moved out of class {s} back in it (the backdoor's images, if any are left)", flush=True)
         if cfg.unlearn > 0 and s is not None:  # the kept-out quarter: the share still put in class s, a backdoor reading
-            del u["index"]
             u["held_to_suspect"] = hit_rate(predictions(purified, x_held, device, cfg.channels_last), torch.tensor(s))
     elif not cfg.quiet:
         print("stage 2 skipped: " + ("--ssl-epochs 0" if len(x_u) else "no unlabelled images (--unlabeled-dir)"))

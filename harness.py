@@ -403,6 +403,13 @@ def hit_rate(pred: Tensor, y: Tensor) -> float:
     return 100.0 * int((pred == y.to(pred.device)).sum()) / len(pred)
 
 
+def held_out_rates(pred: Tensor, y: Tensor, suspect: int | None) -> dict:
+    """ACC on held-out clean images (no stage trains on them) from their predictions, and on the suspect class's alone."""
+    own = y == (suspect if suspect is not None else -1)
+    return {"acc_held_out": hit_rate(pred, y),
+            **({"acc_held_out_suspect": hit_rate(pred[own], y[own])} if own.any() else {})}
+
+
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, channels_last: bool = True,
              batch: int = 1024) -> float:
     """Top-1 accuracy in % of model on uint8 images x (N, C, H, W); the model is put in eval mode."""

@@ -147,6 +147,9 @@ import json, os, statistics, sys
 title, rows = sys.argv[1], sys.argv[2:]
 cols = [("Before", "ftt", "before"), ("FT", "ft", "after"), ("FP", "fp", "after"), ("NAD", "nad", "after"),
         ("ANP", "anp", "after"), ("FTT(SAD)", "ftt", "sad"), ("FTT(SAD+SSL)", "ftt", "ssl")]
+if os.environ.get("FTT_CELL"):  # FTT again on the same backdoored models (benchmark's FTT_CELL)
+    cols += [(f"FTT(SAD) {os.environ['FTT_CELL']}", os.environ["FTT_CELL"], "sad"),
+             (f"FTT(SAD+SSL) {os.environ['FTT_CELL']}", os.environ["FTT_CELL"], "ssl")]
 def get(row, method, key):
     f = os.path.join(row, method, "results.json")
     return json.load(open(f))["results"][key] if os.path.exists(f) else None
@@ -299,13 +302,20 @@ axes[0].legend(); fig.savefig(f"{d}/fig5.png", dpi=120); print(f"wrote {d}/fig5.
 PY
     ;;
   benchmark|benchmark-table)  # benchmark-table: only the tables and the plot, from the cells finished so far
-    dir="$RUNS/benchmark"; seeds=${SEEDS:-0 1}; CELLS=$((15 * $(echo $seeds | wc -w)))
+    # FTT_CELL=NAME: only FTT again, at the code's defaults, on each row's saved backdoored model, into ROW/NAME
+    # (a column of its own in the table); the row's other cells are not run
+    dir="$RUNS/benchmark"; seeds=${SEEDS:-0 1}; per_seed=$([ -n "${FTT_CELL:-}" ] && echo 3 || echo 15)
+    CELLS=$((per_seed * $(echo $seeds | wc -w)))
     flags=(--dataset cifar10 --data-root "${DATA_ROOT:-./data}" --arch wrn16-1 --attack-epochs 25 --attack-lr 0.1
            --attack-schedule step --no-attack-augment --quiet "$@")
     rows=()
     for s in $seeds; do
       for a in badnets blended trojan; do
-        [ "$name" = benchmark ] && row "$dir/$a-s$s" --attack "$a" --seed "$s" "${flags[@]}"
+        if [ "$name" = benchmark ] && [ -n "${FTT_CELL:-}" ]; then  # FTT alone, today's defaults, the row's own model
+          m="$dir/$a-s$s/ftt/backdoored.pt"
+          if [ -f "$m" ]; then cell "$dir/$a-s$s/$FTT_CELL" ftt.py --attack "$a" --seed "$s" "${flags[@]}" --model "$m"
+          else echo "$dir/$a-s$s: no backdoored model yet (run the benchmark without FTT_CELL first): skipped"; fi
+        elif [ "$name" = benchmark ]; then row "$dir/$a-s$s" --attack "$a" --seed "$s" "${flags[@]}"; fi
         [ -d "$dir/$a-s$s" ] && rows+=("$dir/$a-s$s")
       done
     done
