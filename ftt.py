@@ -832,12 +832,12 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
         check.after("ssl", purified, results["ssl"])
         diagnose(purified, results["ssl"])
         results.get("readmit", {}).pop("index", None)
-        if back is not None:  # beyond the paper: a backdoor reading without the trigger (mostly triggered images)
+        if back is not None:  # beyond the paper: a relapse reading without the trigger (mostly triggered images)
             i = back.pop("index")
             pred = predictions(purified, x_dropped[i], device, cfg.channels_last)
             back.update(images=len(i), share=hit_rate(pred, torch.tensor(s)) if len(i) else None)
             print(f"ftt: pool check: the purified model puts {back['share'] or 0:.1f}% of the {len(i)} pool images that SAD "
-                  f"moved out of class {s} back in it (the backdoor's images, if any are left)", flush=True)
+                  f"moved out of class {s} back in it (a relapse; what SAD left in place is not read)", flush=True)
         if cfg.unlearn > 0 and s is not None:  # the kept-out quarter: the share still put in class s, a backdoor reading
             u["held_to_suspect"] = hit_rate(predictions(purified, x_held, device, cfg.channels_last), torch.tensor(s))
     elif not cfg.quiet:
