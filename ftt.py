@@ -613,18 +613,18 @@ class PoolCheck:
                   "target class; the check has nothing to see and is not used", flush=True)
             self.visible = False
 
-    def held_out_acc(self, model: nn.Module) -> dict:
-        """ACC on the held-out clean images, and on the suspect class's alone: {} without held-out images."""
-        return {} if self.held_out is None else \
-            held_out_rates(self.predict_on(model, self.held_out[0]), self.held_out[1], self.suspect)
+    def held_out_acc(self, model: nn.Module, pool_pred: Tensor | None = None) -> dict:
+        """ACC on the held-out clean images, on the suspect class's alone, net_excess with pool_pred: {} without them."""
+        return {} if self.held_out is None else held_out_rates(self.predict_on(model, self.held_out[0]), self.held_out[1],
+                                                               self.suspect, pool_pred, self.y_labelled, self.k)
 
     def after(self, stage: str, model: nn.Module, result: dict) -> bool:
         """result["pool"] for `model` after `stage`; True (and a warning line) when the backdoor survived; a
         warning line when most of the images that left the suspect class went to one other class (moved)."""
-        result.update(self.held_out_acc(model))
+        pred = self.predict(model) if self.excess is not None else None
+        result.update(self.held_out_acc(model, pred))
         if self.excess is None:
             return False
-        pred = self.predict(model)
         excess = class_excess(pred, self.y_labelled, self.k)
         result["pool"] = report = pool_report(excess, self.suspect)
         s = self.suspect
@@ -777,7 +777,7 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
     if check.excess is not None:
         before["pool"] = pool_report(check.excess)
     before["acc_labelled"] = hit_rate(predictions(model, x_l, device, cfg.channels_last), y_l)
-    before.update(check.held_out_acc(model))
+    before.update(check.held_out_acc(model, check.pred))
 
     def diagnose(m: nn.Module, result: dict) -> None:  # ACC, ASR, RA with BatchNorm's statistics from the pool
         if log.evaluates and len(p := check.probe):

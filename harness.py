@@ -403,11 +403,28 @@ def hit_rate(pred: Tensor, y: Tensor) -> float:
     return 100.0 * int((pred == y.to(pred.device)).sum()) / len(pred)
 
 
-def held_out_rates(pred: Tensor, y: Tensor, suspect: int | None) -> dict:
-    """ACC on held-out clean images (no stage trains on them) from their predictions, and on the suspect class's alone."""
+def held_out_rates(pred: Tensor, y: Tensor, suspect: int | None, pool_pred: Tensor | None = None,
+                   y_labelled: Tensor | None = None, k: int = 0) -> dict:
+    """ACC on held-out clean images (no stage trains on them) from their predictions, and on the suspect class's alone;
+    with the pool's predictions (pool_pred) and the clean subset's labels, net_excess as "pool_net_pp" too."""
     own = y == (suspect if suspect is not None else -1)
+    net = pool_pred is not None and y_labelled is not None and suspect is not None
     return {"acc_held_out": hit_rate(pred, y),
-            **({"acc_held_out_suspect": hit_rate(pred[own], y[own])} if own.any() else {})}
+            **({"acc_held_out_suspect": hit_rate(pred[own], y[own])} if own.any() else {}),
+            **({"pool_net_pp": net_excess(pool_pred, pred, y, y_labelled, suspect, k)} if net else {})}
+
+
+def net_excess(pool_pred: Tensor, pred: Tensor, y: Tensor, y_labelled: Tensor, suspect: int, k: int) -> float:
+    """Beyond the paper, a reading of the backdoor from held-out clean images (pred: the model's predictions of them,
+    y: their labels): the share of the pool the model puts in class `suspect` minus the share its own errors would
+    give a clean pool, sum_c prior_c P(pred = suspect | y = c), priors from the clean subset's labels y_labelled; in
+    points. About the pool's poisoned share times its ASR wherever the model's recall of that class went (the pool
+    check's plain excess falls with that recall). A class with no held-out image counts 0."""
+    y, pred = y.cpu(), pred.cpu()
+    prior = torch.bincount(y_labelled.cpu(), minlength=k).double() / len(y_labelled)
+    to_suspect = torch.bincount(y[pred == suspect], minlength=k).double() / torch.bincount(y, minlength=k).clamp(min=1)
+    pool_share = float((pool_pred.cpu() == suspect).double().mean())
+    return round(100 * (pool_share - float((prior * to_suspect).sum())), 2)
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, channels_last: bool = True,

@@ -397,14 +397,16 @@ PY
       [paper]="$PAPER_SSL")
     variants=${VARIANTS:-split one fixmatch fixmatch-teacher}
     CELLS=$(( ($(echo $variants ${BASELINES:-} | wc -w) + 1) * $(echo $rows | wc -w) ))
-    for r in $rows; do
-      flags=(--dataset cifar10 --data-root "${DATA_ROOT:-./data}" --arch wrn16-1 --attack "${r%-s*}" --seed "${r##*-s}"
+    for r in $rows; do  # a row ATTACK-sSEED; ATTACK+aug-sSEED: an attacker with crop + flip, cosine, AUG_EPOCHS (40)
+      a=${r%-s*}; recipe=(--attack-epochs 25 --attack-lr 0.1 --attack-schedule step --no-attack-augment)
+      [[ $a == *+aug ]] && recipe=(--attack-epochs "${AUG_EPOCHS:-40}" --attack-lr 0.1 --attack-schedule cosine
+                                   --attack-augment)
+      flags=(--dataset cifar10 --data-root "${DATA_ROOT:-./data}" --arch wrn16-1 --attack "${a%+aug}" --seed "${r##*-s}"
              --train-size "$size")
       model="$RUNS/benchmark/$r/ftt/backdoored.pt"
       if [ ! -f "$model" ] || [ "$size" != 0 ]; then
         model="$dir/$r/attacker/backdoored.pt"
-        cell "$dir/$r/attacker" ftt.py "${flags[@]}" --attack-epochs 25 --attack-lr 0.1 --attack-schedule step \
-          --no-attack-augment --sad-epochs 0 --ssl-epochs 0 --quiet
+        cell "$dir/$r/attacker" ftt.py "${flags[@]}" "${recipe[@]}" --sad-epochs 0 --ssl-epochs 0 --quiet
       fi
       for v in $variants; do  # one-teacher-drawN: --suspect-draws N
         [[ $v == one-teacher-draw* ]] && how[$v]="--ssl-forward one --teacher soft --suspect-draws ${v##*draw}"
@@ -413,6 +415,10 @@ PY
           o="--ssl-forward one --teacher soft --suspect-draws 1"; w=${v#one-teacher-unlearn}; o+=" --unlearn ${w%%-*}"
           [[ $v == *-draw* ]] && { d=${v##*-draw}; o+=" --suspect-draws ${d%%-*}"; }
           [[ $v == *-prior* ]] && o+=" --prior-shift"; how[$v]=$o
+        fi
+        if [[ $v == deep* ]]; then  # deep: today's defaults; deep-unlearnW, deep-readmit-KIND, deep-unlearnW-readmit-KIND
+          o=""; [[ $v == *-unlearn* ]] && { w=${v##*-unlearn}; o+=" --unlearn ${w%%-*}"; }
+          [[ $v == *-readmit-* ]] && o+=" --readmit ${v##*-readmit-}"; how[$v]=$o
         fi
         exits="--ssl-exits all"; [[ $v == *deep* ]] && exits=""  # every variant before -deep ran on every exit
         cell "$dir/$r/$v-p$passes$tag" ftt.py "${flags[@]}" --model "$model" "${hold[@]}" --ssl-epochs "$passes" \
@@ -427,13 +433,15 @@ import json, sys
 print("\nStage 2 variants (./reproduce.sh stage2). Defender side: ACC on the held-out clean images (--holdout-unseen or --holdout), the pool's "
       "excess in the suspect class (points). Test side, not used to choose: ACC / ASR.\n")
 print("| run | held-out ACC before / SAD / SSL | the suspect class's alone, before / SSL | pool excess SAD / SSL | "
-      "test ACC / ASR after SSL | BN from pool: test ACC before / SSL | minutes |\n|---|---|---|---|---|---|---|")
+      "net excess before / SAD / SSL | test ACC / ASR after SSL | BN from pool: test ACC before / SSL | minutes |\n"
+      "|---|---|---|---|---|---|---|---|")
 for f in sys.argv[1:]:
     r = json.load(open(f)); m = r["results"]; g = lambda s, k: m.get(s, {}).get(k)
     f2 = lambda v: "-" if v is None else f"{v:.2f}"
     print(f"| {'/'.join(f.split('/')[-3:-1])} | {f2(g('before', 'acc_held_out'))} / {f2(g('sad', 'acc_held_out'))} / "
           f"{f2(g('ssl', 'acc_held_out'))} | {f2(g('before', 'acc_held_out_suspect'))} / {f2(g('ssl', 'acc_held_out_suspect'))} | "
           f"{f2((g('sad', 'pool') or {}).get('suspect_pp'))} / {f2((g('ssl', 'pool') or {}).get('suspect_pp'))} | "
+          f"{' / '.join(f2(g(s, 'pool_net_pp')) for s in ('before', 'sad', 'ssl'))} | "
           f"{f2(g('ssl', 'acc'))} / {f2(g('ssl', 'asr'))} | {f2((g('before', 'bn_pool') or {}).get('acc'))} / "
           f"{f2((g('ssl', 'bn_pool') or {}).get('acc'))} | {r['timings']['total_s'] / 60:.1f} |")
 PY

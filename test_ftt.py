@@ -744,6 +744,22 @@ def test_class_excess_counts_exactly_the_images_sent_to_the_target(k, per_class,
         r = ftt.pool_report(e, suspect=0)
         assert r["class"] == 0 and r["excess_pp"] == r["suspect_pp"] == round(100 * sent / len(labels), 2)
 
+
+@given(st.integers(2, 10), st.integers(1, 20), st.integers(0, 40), seeds)
+def test_net_excess_reads_only_the_added_images_whatever_the_models_errors(k, per_class, added, seed):
+    # held-out images with the clean subset's class shares, predicted with random errors (the suspect class's recall
+    # anywhere from 0 to 100%); a pool that is those images reads 0 (the plain excess reads the lost recall), and
+    # `added` images put in the suspect class raise it by exactly what they add to its share
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(k).repeat(per_class)
+    pred = torch.where(torch.rand(len(y), generator=g) < 0.5, torch.randint(0, k, (len(y),), generator=g), y)
+    assert harness.net_excess(pred, pred, y, y, 0, k) == pytest.approx(0, abs=1e-9)
+    pool = torch.cat([pred, torch.zeros(added, dtype=torch.long)])
+    expected = float((pred == 0).double().mean())
+    net = harness.net_excess(pool, pred, y, y, 0, k)
+    assert net == pytest.approx(100 * (float((pool == 0).double().mean()) - expected), abs=0.005 + 1e-9)  # rounded
+    assert net > 0 if added and expected < 1 else net == pytest.approx(0, abs=1e-9)
+
 # ------------------------------------------------------------------ end to end
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -951,6 +967,8 @@ def test_purify_takes_plain_tensors_and_returns_the_trained_model_with_both_stag
     own = y_h == results["before"]["pool"]["class"]  # the suspect class: ACC on its held-out images alone too
     assert results["ssl"]["acc_held_out"] == harness.hit_rate(pred, y_h)
     assert results["ssl"]["acc_held_out_suspect"] == harness.hit_rate(pred[own], y_h[own])
+    pool_pred, s = harness.predictions(purified, x_pool, torch.device("cpu")), results["before"]["pool"]["class"]
+    assert results["ssl"]["pool_net_pp"] == harness.net_excess(pool_pred, pred, y_h, y_l, s, 3)  # the whole pool: its probe
     assert set(purified.state_dict()) == set(before)  # the plain backbone, no exits
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="held_out and cfg.holdout"):  # two held-out sets: refused, none dropped
