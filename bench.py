@@ -86,8 +86,9 @@ def start_estimate(cfg: ftt.Config, p: dict, train_attacker: bool) -> dict:
     """ftt.main's start line, printed, from one timed step of each stage: p is loading.prepare's. -> the estimate."""
     k, device, counts = p["num_classes"], p["device"], p["counts"]
     steps_for = lambda arch: training_steps(cfg, arch, p["shape"], k, device)
-    expected = dict(counts, unlabelled=counts["unlabelled"] * (k - 1) // k) if cfg.ssl_pool == "drop-suspect" \
-        else counts  # drop-suspect leaves out about a class of the pool (and the triggered images among it)
+    left = counts["unlabelled"] // k if cfg.ssl_pool == "drop-suspect" else 0  # about a class of the pool left out,
+    back = left * (0.4 * (cfg.unlearn > 0) + 0.25 * (cfg.readmit != "none"))  # of it these rejoin (37-41%, 24-33%)
+    expected = dict(counts, unlabelled=counts["unlabelled"] - left + int(back))
     est = harness.estimate_run(cfg, cfg.arch, expected, device, train_attacker, steps_for)
     print(harness.start_line(cfg, est, device, counts, train_attacker, steps_for), flush=True)
     return est

@@ -77,7 +77,7 @@ class Config(RunConfig):
     suspect_draws: int = flag(1, "beyond the paper: stage 2 draws the suspect class's labelled images N times a cycle")
     unlearn: float = flag(0.0, "beyond the paper: weight of -log(1 - p_suspect) on what SAD moved out of that class")
     readmit: str = flag("none", "beyond the paper: suspect-class pool images SAD keeps there (p >= t) rejoin stage 2, "
-                                "pseudo-labelled (pseudo), also taught (taught)", choices=("none", "pseudo", "taught"))
+                                "pseudo-labelled (pseudo), also --teacher's (taught)", choices=("none", "pseudo", "taught"))
     prior_shift: bool = flag(False, "beyond the paper: after stage 2, the suspect class's bias up to its clean share")
     holdout: float = flag(0.0, "share of the clean subset kept out of both stages: ACC on defender data")
     holdout_unseen: int = flag(0, "N clean images past --train-size (no model trained on them) kept out of both stages")
@@ -804,14 +804,15 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
     if back is not None and "index" not in back:  # kept while stage 2 runs: a resume has no SAD model
         back["index"] = unlearn_set(net.backbone, x_dropped, s, device, cfg.channels_last).cpu()
     if (cfg.unlearn > 0 or cfg.readmit != "none") and len(x_u) and cfg.ssl_epochs and s is None:
-        print("ftt: --unlearn, --readmit: no suspect class in the pool: stage 2 runs without them", flush=True)
+        why = "no suspect class in the pool" if cfg.ssl_pool == "drop-suspect" else "--ssl-pool all leaves nothing out"
+        print(f"ftt: --unlearn, --readmit: {why}: stage 2 runs without them", flush=True)
     elif cfg.unlearn > 0 and len(x_u) and cfg.ssl_epochs:  # beyond the paper
         u = results.setdefault("unlearn", {"suspect": s})  # its images: what SAD moved out of class s (moved back's)
         order = back["index"][torch.randperm(len(back["index"]), generator=torch.Generator().manual_seed(cfg.seed))]
-        x_held, x_t = x_dropped[order[:len(order) // 4]], x_dropped[order[len(order) // 4:]]  # a quarter kept out
-        u.update(images=len(x_t), held=len(x_held))
+        x_t = x_dropped[order[len(order) // 4:]]  # a quarter kept out (moved back reads it)
+        u.update(images=len(x_t), held=len(order) // 4)
         print(f"ftt: --unlearn: {len(x_t)} pool images the backdoored model puts in class {s} and SAD's model "
-              f"elsewhere join stage 2 with 'not class {s}' as their only target ({len(x_held)} kept out)", flush=True)
+              f"elsewhere join stage 2 with 'not class {s}' as their only target ({u['held']} kept out)", flush=True)
         x_u, teacher, avoid = join_pool(x_u, teacher, avoid, x_t, avoid_new=s)
     if cfg.readmit != "none" and s is not None and len(x_u) and cfg.ssl_epochs:  # beyond the paper
         r = results.setdefault("readmit", {})  # "index" stays while stage 2 runs, as --unlearn's does
@@ -834,12 +835,11 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
         results.get("readmit", {}).pop("index", None)
         if back is not None:  # beyond the paper: a relapse reading without the trigger (mostly triggered images)
             i = back.pop("index")
+            i = i if cfg.unlearn <= 0 else order[:len(order) // 4]  # --unlearn trains on the rest: the kept-out quarter
             pred = predictions(purified, x_dropped[i], device, cfg.channels_last)
             back.update(images=len(i), share=hit_rate(pred, torch.tensor(s)) if len(i) else None)
             print(f"ftt: pool check: the purified model puts {back['share'] or 0:.1f}% of the {len(i)} pool images that SAD "
-                  f"moved out of class {s} back in it (a relapse; what SAD left in place is not read)", flush=True)
-        if cfg.unlearn > 0 and s is not None:  # the kept-out quarter: the share still put in class s, a backdoor reading
-            u["held_to_suspect"] = hit_rate(predictions(purified, x_held, device, cfg.channels_last), torch.tensor(s))
+                  f"moved out of class {s} (and stage 2 did not train on) back in it (a relapse)", flush=True)
     elif not cfg.quiet:
         print("stage 2 skipped: " + ("--ssl-epochs 0" if len(x_u) else "no unlabelled images (--unlabeled-dir)"))
     timings["ssl_s"] = time.time() - t

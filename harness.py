@@ -182,13 +182,6 @@ def validate(cfg) -> None:
                           f"the suspect class has its pool images, and no class is drawn more often)")
     if getattr(cfg, "unlearn", 0.0) < 0:
         raise ConfigError(f"--unlearn: {cfg.unlearn} must be >= 0 (0: off)")
-    if getattr(cfg, "unlearn", 0.0) > 0 and cfg.ssl_pool != "drop-suspect":
-        raise ConfigError(f"--unlearn {cfg.unlearn}: needs --ssl-pool drop-suspect (its images are among those "
-                          f"drop-suspect leaves out)")
-    if getattr(cfg, "readmit", "none") != "none" and cfg.ssl_pool != "drop-suspect":
-        raise ConfigError(f"--readmit {cfg.readmit}: needs --ssl-pool drop-suspect (its images are among those it leaves out)")
-    if getattr(cfg, "readmit", "none") == "taught" and cfg.teacher == "none":
-        raise ConfigError("--readmit taught: needs --teacher soft or hard (its targets are the teacher's)")
     if getattr(cfg, "teacher", "none") != "none" and cfg.ssl_forward == "split":
         raise ConfigError(f"--teacher {cfg.teacher}: needs --ssl-forward one or two (a pass its loss can train); "
                           f"with --ssl-forward split give --teacher none")

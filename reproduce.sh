@@ -35,7 +35,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 name=${1:-}; shift || true
 RUNS=${RUNS:-runs}
-PAPER_SSL="--ssl-pool all --ssl-forward split --teacher none --ssl-exits all"  # the paper's stage 2 (tables 3, 4, quick-ablation)
+PAPER_SSL="--ssl-pool all --ssl-forward split --teacher none --ssl-exits all --unlearn 0 --readmit none"  # the paper's stage 2
 
 table() {  # table TITLE JSON... : a Markdown table of ACC / ASR / PSNR per results JSON
   python3 - "$@" <<'PY'
@@ -416,13 +416,14 @@ PY
           [[ $v == *-draw* ]] && { d=${v##*-draw}; o+=" --suspect-draws ${d%%-*}"; }
           [[ $v == *-prior* ]] && o+=" --prior-shift"; how[$v]=$o
         fi
-        if [[ $v == deep* ]]; then  # deep: today's defaults; deep-unlearnW, deep-readmit-KIND, deep-unlearnW-readmit-KIND
+        if [[ $v == deep* ]]; then  # deep: the defaults until 2026-12-04 (the deepest exit, no --unlearn, no --readmit);
+          # deep-unlearnW, deep-readmit-KIND, deep-unlearnW-readmit-KIND (deep-unlearn1-readmit-taught: today's defaults)
           o=""; [[ $v == *-unlearn* ]] && { w=${v##*-unlearn}; o+=" --unlearn ${w%%-*}"; }
           [[ $v == *-readmit-* ]] && o+=" --readmit ${v##*-readmit-}"; how[$v]=$o
         fi
         exits="--ssl-exits all"; [[ $v == *deep* ]] && exits=""  # every variant before -deep ran on every exit
         cell "$dir/$r/$v-p$passes$tag" ftt.py "${flags[@]}" --model "$model" "${hold[@]}" --ssl-epochs "$passes" \
-          $exits ${how[$v]} --quiet "$@"
+          $exits --unlearn 0 --readmit none ${how[$v]} --quiet "$@"  # each variant names all it adds
       done
       for b in ${BASELINES:-}; do  # e.g. "ft nad": the paper's claim (a) beside FTT(SAD), at their defaults
         cell "$dir/$r/$b" baselines.py --method "$b" "${flags[@]}" --model "$model" --quiet "$@"

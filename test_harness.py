@@ -211,7 +211,7 @@ def run_ftt(flags, out, kill_at=None, nth=1):
 
 def test_killed_run_resumed_ends_exactly_like_an_uninterrupted_one(tmp_path):
     needs_fashion()
-    flags = SURVIVE + ["--cache", str(tmp_path / "cache")]
+    flags = SURVIVE + ["--unlearn", "1", "--readmit", "taught", "--cache", str(tmp_path / "cache")]  # every stage-2 set
     rc, log = run_ftt(flags, tmp_path / "whole")
     assert rc == 0, log
     # killed twice: inside SAD (the epoch-1 checkpoint is on disk once epoch 2's line shows), then inside SSL
@@ -224,30 +224,14 @@ def test_killed_run_resumed_ends_exactly_like_an_uninterrupted_one(tmp_path):
     rc, log = run_ftt(flags + ["--resume"], tmp_path / "cut")
     assert rc == 0, log
     whole, cut = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "cut"))
-    # (the stage-2 pool is chosen again on resume: "ssl_pool", when present, must match too; "moved_back" is read
-    # on the images SAD's model chose, which a run killed inside stage 2 keeps in its checkpoint)
-    assert cut["results"] == whole["results"]
-    assert set(whole["results"]) - {"ssl_pool", "moved_back"} == {"before", "sad", "ssl"}
+    # (the stage-2 pool is chosen again on resume: "ssl_pool", when present, must match too; --unlearn's and
+    # --readmit's images, and "moved_back"'s, come from SAD's model, which a run killed inside stage 2 no longer has:
+    # the checkpoint keeps them, so the resumed run trains on the same ones)
+    assert cut["results"] == whole["results"] and whole["results"]["unlearn"]["images"] > 0
+    assert set(whole["results"]) - {"ssl_pool", "moved_back", "unlearn", "readmit"} == {"before", "sad", "ssl"}
     a, b = (torch.load(tmp_path / d / "purified.pt", weights_only=True) for d in ("whole", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run's"
     assert not (tmp_path / "cut" / "checkpoint.pt").exists()  # a finished run leaves no checkpoint
-
-
-def test_a_run_killed_in_stage_2_with_unlearn_resumes_on_the_images_sad_chose(tmp_path):
-    # --unlearn's images come from SAD's model, which a run resumed inside stage 2 no longer has: they are kept in
-    # the checkpoint, so the resumed run trains on the same ones and ends like the whole run
-    needs_fashion()
-    flags = SURVIVE + ["--unlearn", "1", "--cache", str(tmp_path / "cache")]
-    rc, log = run_ftt(flags, tmp_path / "whole")
-    assert rc == 0, log
-    rc, log = run_ftt(flags, tmp_path / "cut", kill_at="ssl epoch   2/3")
-    assert rc == -9 and torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["stage"] == "ssl", log
-    rc, log = run_ftt(flags + ["--resume"], tmp_path / "cut")
-    assert rc == 0 and "resumed after epoch" in log, log
-    whole, cut = (json.loads((tmp_path / d / "results.json").read_text())["results"] for d in ("whole", "cut"))
-    assert whole["unlearn"]["images"] > 0 and cut == whole
-    a, b = (torch.load(tmp_path / d / "purified.pt", weights_only=True) for d in ("whole", "cut"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_run_killed_in_its_second_sad_attempt_resumes_that_attempt(tmp_path):
