@@ -416,8 +416,8 @@ PY
           [[ $v == *-draw* ]] && { d=${v##*-draw}; o+=" --suspect-draws ${d%%-*}"; }
           [[ $v == *-prior* ]] && o+=" --prior-shift"; how[$v]=$o
         fi
-        if [[ $v == deep* ]]; then  # deep: the defaults until 2026-12-04 (the deepest exit, no --unlearn, no --readmit);
-          # deep-unlearnW, deep-readmit-KIND, deep-unlearnW-readmit-KIND (deep-unlearn1-readmit-taught: today's defaults)
+        if [[ $v == deep* ]]; then  # deep: today's defaults (the deepest exit, no --unlearn, no --readmit);
+          # deep-unlearnW, deep-readmit-KIND, deep-unlearnW-readmit-KIND: those flags added
           o=""; [[ $v == *-unlearn* ]] && { w=${v##*-unlearn}; o+=" --unlearn ${w%%-*}"; }
           [[ $v == *-readmit-* ]] && o+=" --readmit ${v##*-readmit-}"; how[$v]=$o
         fi
