@@ -809,8 +809,8 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
     elif cfg.unlearn > 0 and len(x_u) and cfg.ssl_epochs:  # beyond the paper
         u = results.setdefault("unlearn", {"suspect": s})  # its images: what SAD moved out of class s (moved back's)
         order = back["index"][torch.randperm(len(back["index"]), generator=torch.Generator().manual_seed(cfg.seed))]
-        x_t = x_dropped[order[len(order) // 4:]]  # a quarter kept out (moved back reads it)
-        u.update(images=len(x_t), held=len(order) // 4)
+        kept_out, x_t = order[:len(order) // 4], x_dropped[order[len(order) // 4:]]  # moved back reads the quarter
+        u.update(images=len(x_t), held=len(kept_out))
         print(f"ftt: --unlearn: {len(x_t)} pool images the backdoored model puts in class {s} and SAD's model "
               f"elsewhere join stage 2 with 'not class {s}' as their only target ({u['held']} kept out)", flush=True)
         x_u, teacher, avoid = join_pool(x_u, teacher, avoid, x_t, avoid_new=s)
@@ -835,7 +835,7 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
         results.get("readmit", {}).pop("index", None)
         if back is not None:  # beyond the paper: a relapse reading without the trigger (mostly triggered images)
             i = back.pop("index")
-            i = i if cfg.unlearn <= 0 else order[:len(order) // 4]  # --unlearn trains on the rest: the kept-out quarter
+            i = i if cfg.unlearn <= 0 else kept_out  # --unlearn trains on the rest
             pred = predictions(purified, x_dropped[i], device, cfg.channels_last)
             back.update(images=len(i), share=hit_rate(pred, torch.tensor(s)) if len(i) else None)
             print(f"ftt: pool check: the purified model puts {back['share'] or 0:.1f}% of the {len(i)} pool images that SAD "

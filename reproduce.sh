@@ -391,10 +391,7 @@ PY
       [fixmatch]="--ssl-forward one --ssl-bn-momentum 0.001 --no-ssl-decay-all --teacher none"
       [fixmatch-teacher]="--ssl-forward one --ssl-bn-momentum 0.001 --no-ssl-decay-all --teacher soft"
       [one-teacher]="--ssl-forward one --teacher soft --suspect-draws 1"
-      [one-teacher-deep]="--ssl-forward one --teacher soft --suspect-draws 1 --ssl-exits deep"
-      [two-teacher]="--ssl-forward two --teacher soft --suspect-draws 1"
-      [one-teacher-prior]="--ssl-forward one --teacher soft --prior-shift --suspect-draws 1"
-      [paper]="$PAPER_SSL")
+      [two-teacher]="--ssl-forward two --teacher soft --suspect-draws 1" [deep]="" [paper]="$PAPER_SSL")
     variants=${VARIANTS:-split one fixmatch fixmatch-teacher}
     CELLS=$(( ($(echo $variants ${BASELINES:-} | wc -w) + 1) * $(echo $rows | wc -w) ))
     for r in $rows; do  # a row ATTACK-sSEED; ATTACK+aug-sSEED: an attacker with crop + flip, cosine, AUG_EPOCHS (40)
@@ -408,20 +405,15 @@ PY
         model="$dir/$r/attacker/backdoored.pt"
         cell "$dir/$r/attacker" ftt.py "${flags[@]}" "${recipe[@]}" --sad-epochs 0 --ssl-epochs 0 --quiet
       fi
-      for v in $variants; do  # one-teacher-drawN: --suspect-draws N
-        [[ $v == one-teacher-draw* ]] && how[$v]="--ssl-forward one --teacher soft --suspect-draws ${v##*draw}"
-        [[ $v == one-teacher-readmit-* ]] && how[$v]="--ssl-forward one --teacher soft --suspect-draws 1 --readmit ${v##*-}"
-        if [[ $v == one-teacher-unlearn* ]]; then  # one-teacher-unlearnW[-drawN][-prior]: --unlearn W (and the others)
-          o="--ssl-forward one --teacher soft --suspect-draws 1"; w=${v#one-teacher-unlearn}; o+=" --unlearn ${w%%-*}"
+      for v in $variants; do  # one-teacher or deep (today's defaults), then any of -deep -unlearnW -drawN -prior
+        if [[ $v == one-teacher-* || $v == deep-* ]]; then  # -readmit-KIND: those flags added, in that order
+          o=${how[one-teacher]}; [[ $v == deep-* ]] && o=""
+          [[ $v == *-unlearn* ]] && { w=${v##*-unlearn}; o+=" --unlearn ${w%%-*}"; }
           [[ $v == *-draw* ]] && { d=${v##*-draw}; o+=" --suspect-draws ${d%%-*}"; }
-          [[ $v == *-prior* ]] && o+=" --prior-shift"; how[$v]=$o
-        fi
-        if [[ $v == deep* ]]; then  # deep: today's defaults (the deepest exit, no --unlearn, no --readmit);
-          # deep-unlearnW, deep-readmit-KIND, deep-unlearnW-readmit-KIND: those flags added
-          o=""; [[ $v == *-unlearn* ]] && { w=${v##*-unlearn}; o+=" --unlearn ${w%%-*}"; }
+          [[ $v == *-prior* ]] && o+=" --prior-shift"
           [[ $v == *-readmit-* ]] && o+=" --readmit ${v##*-readmit-}"; how[$v]=$o
         fi
-        exits="--ssl-exits all"; [[ $v == *deep* ]] && exits=""  # every variant before -deep ran on every exit
+        exits="--ssl-exits all"; [[ $v == *deep* ]] && exits="--ssl-exits deep"  # variants before -deep: every exit
         cell "$dir/$r/$v-p$passes$tag" ftt.py "${flags[@]}" --model "$model" "${hold[@]}" --ssl-epochs "$passes" \
           $exits --unlearn 0 --readmit none ${how[$v]} --quiet "$@"  # each variant names all it adds
       done
