@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from augment import cutout, rand_augment, random_crop_flip
 from harness import (ARCHS, SSL_POOLS, SCHEDULES, FiniteWatch, RunConfig, RunLog, RunState, autocast, bn_momentum,
                      bn_reestimated, cosine, descend, ema_update, flag, frozen_bn_stats, held_out_rates, hit_rate, join_pool,
-                     logits_of, lr_ladder, measured, parse_config, predictions, run_cli, sgd, to_input, versions)
+                     logits_of, lr_ladder, measured, moved, parse_config, predictions, run_cli, sgd, to_input, versions)
 from loading import finish, prepare, torchvision_backbone
 
 Tensor = torch.Tensor
@@ -77,7 +77,9 @@ class Config(RunConfig):
     suspect_draws: int = flag(1, "beyond the paper: stage 2 draws the suspect class's labelled images N times a cycle")
     unlearn: float = flag(0.0, "beyond the paper: weight of -log(1 - p_suspect) on what SAD moved out of that class")
     readmit: str = flag("none", "beyond the paper: suspect-class pool images SAD keeps there (p >= t) rejoin stage 2, "
-                                "pseudo-labelled (pseudo), also --teacher's (taught)", choices=("none", "pseudo", "taught"))
+                                "pseudo-labelled (pseudo), also --teacher's (taught); not where SAD leaves that class a "
+                                "pool excess", choices=("none", "pseudo", "taught"))
+    readmit_residue: float = flag(0.0, "--readmit steps aside where SAD leaves the suspect class more pool excess (points)")
     prior_shift: bool = flag(False, "beyond the paper: after stage 2, the suspect class's bias up to its clean share")
     holdout: float = flag(0.0, "share of the clean subset kept out of both stages: ACC on defender data")
     holdout_unseen: int = flag(0, "N clean images past --train-size (no model trained on them) kept out of both stages")
@@ -582,16 +584,6 @@ def survived(before: Tensor, after: Tensor, suspect: int) -> bool:
     return bool(before[suspect] >= POOL_SIGNAL and after[suspect] >= POOL_KEEP * before[suspect])
 
 
-def moved(pred_before: Tensor, pred_after: Tensor, suspect: int, k: int) -> tuple[int, float, float]:
-    """A backdoor that moved: of the pool images the backdoored model put in the suspect class and the purified one
-    does not, the class taking most. -> (it, its share of those images, of the pool); (-1, 0, 0): none left."""
-    left = pred_after[(pred_before == suspect) & (pred_after != suspect)]
-    if len(left) == 0:
-        return -1, 0.0, 0.0
-    counts = torch.bincount(left.cpu(), minlength=k)
-    return int(counts.argmax()), float(counts.max()) / len(left), float(counts.max()) / len(pred_after)
-
-
 class PoolCheck:
     """The pool check on a fixed sample of the pool: the backdoored model's class_excess, taken once; after() compares
     a purified model with it. suspect: the class with the largest excess; visible: it is >= POOL_SIGNAL."""
@@ -814,7 +806,12 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
         print(f"ftt: --unlearn: {len(x_t)} pool images the backdoored model puts in class {s} and SAD's model "
               f"elsewhere join stage 2 with 'not class {s}' as their only target ({u['held']} kept out)", flush=True)
         x_u, teacher, avoid = join_pool(x_u, teacher, avoid, x_t, avoid_new=s)
-    if cfg.readmit != "none" and s is not None and len(x_u) and cfg.ssl_epochs:  # beyond the paper
+    residue = s is not None and results["sad"]["pool"]["suspect_pp"] > cfg.readmit_residue  # its kept ones may be triggered
+    if cfg.readmit != "none" and residue and len(x_u) and cfg.ssl_epochs:
+        results["readmit"] = {"images": 0, "sad_suspect_pp": results["sad"]["pool"]["suspect_pp"]}
+        print(f"ftt: --readmit: SAD left class {s} a pool excess above {cfg.readmit_residue} points, so the images it keeps "
+              f"there may carry the trigger: they stay out of stage 2", flush=True)
+    elif cfg.readmit != "none" and s is not None and len(x_u) and cfg.ssl_epochs:  # beyond the paper
         r = results.setdefault("readmit", {})  # "index" stays while stage 2 runs, as --unlearn's does
         i = r["index"] = r["index"] if "index" in r else \
             unlearn_set(net.backbone, x_dropped, s, device, cfg.channels_last, cfg.threshold, stay=True).cpu()

@@ -420,6 +420,17 @@ def net_excess(pool_pred: Tensor, pred: Tensor, y: Tensor, y_labelled: Tensor, s
     return round(100 * (pool_share - float((prior * to_suspect).sum())), 2)
 
 
+def moved(pred_before: Tensor, pred_after: Tensor, suspect: int, k: int) -> tuple[int, float, float]:
+    """Beyond the paper, the pool check's reading of a backdoor that moved: of the pool images the backdoored model put
+    in the suspect class and the purified one does not, the class taking most. -> (it, its share of those images, of
+    the pool); (-1, 0, 0): none left."""
+    left = pred_after[(pred_before == suspect) & (pred_after != suspect)]
+    if len(left) == 0:
+        return -1, 0.0, 0.0
+    counts = torch.bincount(left.cpu(), minlength=k)
+    return int(counts.argmax()), float(counts.max()) / len(left), float(counts.max()) / len(pred_after)
+
+
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, channels_last: bool = True,
              batch: int = 1024) -> float:
     """Top-1 accuracy in % of model on uint8 images x (N, C, H, W); the model is put in eval mode."""

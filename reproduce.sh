@@ -411,7 +411,7 @@ PY
           [[ $v == *-unlearn* ]] && { w=${v##*-unlearn}; o+=" --unlearn ${w%%-*}"; }
           [[ $v == *-draw* ]] && { d=${v##*-draw}; o+=" --suspect-draws ${d%%-*}"; }
           [[ $v == *-prior* ]] && o+=" --prior-shift"
-          [[ $v == *-readmit-* ]] && o+=" --readmit ${v##*-readmit-}"; how[$v]=$o
+          [[ $v == *-readmit-* ]] && o+=" --readmit ${v##*-readmit-} --readmit-residue 100"; how[$v]=$o  # (no gate)
         fi
         exits="--ssl-exits all"; [[ $v == *deep* ]] && exits="--ssl-exits deep"  # variants before -deep: every exit
         cell "$dir/$r/$v-p$passes$tag" ftt.py "${flags[@]}" --model "$model" "${hold[@]}" --ssl-epochs "$passes" \

@@ -836,23 +836,31 @@ def test_unlearn_adds_the_left_out_images_sad_moved_with_only_not_the_suspect_cl
     assert f"{u['images']} pool images the backdoored model puts in class {pool['suspect']}" in capsys.readouterr().out
 
 
-def test_readmit_adds_the_left_out_images_sad_keeps_in_the_suspect_class_with_the_teachers_targets(tmp_path, capsys,
-                                                                                                    tiny_backdoor, monkeypatch):
+@pytest.mark.parametrize("gate", ["open", "shut"])
+def test_readmit_adds_the_left_out_images_sad_keeps_in_the_suspect_class_unless_sad_left_an_excess(
+        gate, tmp_path, capsys, tiny_backdoor, monkeypatch):
+    # open: whatever SAD left, its kept images rejoin with the teacher's targets; shut: any excess after SAD (even
+    # a negative one) is read as a residue, and stage 2 runs on the kept pool alone, with a line
     path = tiny_backdoor(0)[0]
     capsys.readouterr()
     seen, stage2 = [], ftt.stage2_ssl
     monkeypatch.setattr(ftt, "stage2_ssl", lambda *a: (seen.append((a[3], a[8], a[10])), stage2(*a))[1])
     cfg = ftt.Config(**{**TINY, "sad_lr": 0.1, "sad_lr_max": 0.1, "ssl_epochs": 1, "mu": 2, "readmit": "taught",
-                        "unlearn": 0,
+                        "unlearn": 0, "readmit_residue": 100.0 if gate == "open" else -100.0,
                         "threshold": 0.5},  # eq. (6)'s t, which --readmit shares: the tiny SAD model is rarely sure
                      model=path, out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
     r = ftt.main(cfg)["results"]
     back, pool, ((x_u, teacher, avoid),) = r["readmit"], r["ssl_pool"], seen
+    assert "index" not in json.loads((tmp_path / "run" / "results.json").read_text())["results"]["readmit"]
+    if gate == "shut":
+        assert back == {"images": 0, "sad_suspect_pp": r["sad"]["pool"]["suspect_pp"]}
+        assert len(x_u) == pool["kept"] == len(teacher) and avoid is None
+        assert f"--readmit: SAD left class {pool['suspect']} a pool excess above" in capsys.readouterr().out
+        return
     assert 0 < back["images"] <= pool["dropped"] and avoid is None
     assert len(x_u) == pool["kept"] + back["images"] == len(teacher)  # stage 2's pool: the kept, then these
     rows = teacher[pool["kept"]:]  # the backdoored model's own predictions, all in the suspect class (so left out)
     assert torch.allclose(rows.sum(1), torch.ones(len(rows))) and torch.all(rows.argmax(1) == pool["suspect"])
-    assert "index" not in json.loads((tmp_path / "run" / "results.json").read_text())["results"]["readmit"]
     assert f"--readmit: {back['images']} pool images" in capsys.readouterr().out
 
 
