@@ -806,12 +806,12 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
         print(f"ftt: --unlearn: {len(x_t)} pool images the backdoored model puts in class {s} and SAD's model "
               f"elsewhere join stage 2 with 'not class {s}' as their only target ({u['held']} kept out)", flush=True)
         x_u, teacher, avoid = join_pool(x_u, teacher, avoid, x_t, avoid_new=s)
-    residue = s is not None and results["sad"]["pool"]["suspect_pp"] > cfg.readmit_residue  # its kept ones may be triggered
-    if cfg.readmit != "none" and residue and len(x_u) and cfg.ssl_epochs:
-        results["readmit"] = {"images": 0, "sad_suspect_pp": results["sad"]["pool"]["suspect_pp"]}
+    rejoin = cfg.readmit != "none" and s is not None and len(x_u) and cfg.ssl_epochs  # beyond the paper
+    if rejoin and (pp := results["sad"]["pool"]["suspect_pp"]) > cfg.readmit_residue:  # SAD left an excess in class s
+        results["readmit"] = {"images": 0, "sad_suspect_pp": pp}
         print(f"ftt: --readmit: SAD left class {s} a pool excess above {cfg.readmit_residue} points, so the images it keeps "
               f"there may carry the trigger: they stay out of stage 2", flush=True)
-    elif cfg.readmit != "none" and s is not None and len(x_u) and cfg.ssl_epochs:  # beyond the paper
+    elif rejoin:
         r = results.setdefault("readmit", {})  # "index" stays while stage 2 runs, as --unlearn's does
         i = r["index"] = r["index"] if "index" in r else \
             unlearn_set(net.backbone, x_dropped, s, device, cfg.channels_last, cfg.threshold, stay=True).cpu()

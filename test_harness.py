@@ -211,8 +211,8 @@ def run_ftt(flags, out, kill_at=None, nth=1):
 
 def test_killed_run_resumed_ends_exactly_like_an_uninterrupted_one(tmp_path):
     needs_fashion()
-    flags = SURVIVE + ["--unlearn", "1", "--readmit", "taught", "--readmit-residue", "100",  # every stage-2 set (its SAD
-                       "--cache", str(tmp_path / "cache")]  # leaves the backdoor in: readmit's gate held open)
+    flags = SURVIVE + ["--unlearn", "1", "--readmit", "taught", "--readmit-residue", "100",  # readmit's gate held open
+                       "--cache", str(tmp_path / "cache")]  # (its SAD leaves the backdoor in); readmit's set is empty here
     rc, log = run_ftt(flags, tmp_path / "whole")
     assert rc == 0, log
     # killed twice: inside SAD (the epoch-1 checkpoint is on disk once epoch 2's line shows), then inside SSL
