@@ -405,9 +405,10 @@ PY
         model="$dir/$r/attacker/backdoored.pt"
         cell "$dir/$r/attacker" ftt.py "${flags[@]}" "${recipe[@]}" --sad-epochs 0 --ssl-epochs 0 --quiet
       fi
-      for v in $variants; do  # one-teacher or deep (today's defaults), then any of -deep -unlearnW -drawN -prior
-        if [[ $v == one-teacher-* || $v == deep-* ]]; then  # -readmit-KIND: those flags added, in that order
+      for v in $variants; do  # one-teacher or deep (today's defaults), then any of -deep -teacherW -unlearnW -drawN
+        if [[ $v == one-teacher-* || $v == deep-* ]]; then  # -prior -readmit-KIND: those flags added, in that order
           o=${how[one-teacher]}; [[ $v == deep-* ]] && o=""
+          [[ $v =~ -teacher([0-9.]+) ]] && o+=" --teacher-weight ${BASH_REMATCH[1]}"
           [[ $v == *-unlearn* ]] && { w=${v##*-unlearn}; o+=" --unlearn ${w%%-*}"; }
           [[ $v == *-draw* ]] && { d=${v##*-draw}; o+=" --suspect-draws ${d%%-*}"; }
           [[ $v == *-prior* ]] && o+=" --prior-shift"
