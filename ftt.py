@@ -772,7 +772,7 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
     before.update(check.held_out_acc(model, check.pred))
 
     def diagnose(m: nn.Module, result: dict) -> None:  # ACC, ASR, RA with BatchNorm's statistics from the pool
-        if log.evaluates and len(p := check.probe):
+        if cfg.bn_diagnostic and log.evaluates and len(p := check.probe):
             result["bn_pool"] = measured(log.evaluate(bn_reestimated(m, p, device, weak_augment, cfg.channels_last)))
     diagnose(model, before)
     if not cfg.sad_epochs and not cfg.ssl_epochs:  # an attacker's run, a floor: no stage, the model as it is

@@ -94,7 +94,9 @@ class RunConfig:
     compile: bool = flag(False, "torch.compile the attacker's training (with reduce-overhead on a GPU: 2.5x)")
     compile_mode: str = flag("reduce-overhead", "torch.compile's mode with --compile",
                              choices=("default", "reduce-overhead", "max-autotune"))
-    eval_every: int = flag(5, "evaluate ACC and ASR every N epochs of each stage, and after the last (0: last only)")
+    eval_every: int = flag(10, "evaluate ACC and ASR every N epochs of each stage, and after the last (0: last only)")
+    bn_diagnostic: bool = flag(False, "ACC/ASR also with BatchNorm re-estimated on weak pool views, before and after "
+                                      "each stage (results' bn_pool; about 8 s each on 2 cores)")
     quiet: bool = flag(False, "no per-epoch lines")
 
 

@@ -416,7 +416,7 @@ PY
         fi
         exits="--ssl-exits all"; [[ $v == *deep* ]] && exits="--ssl-exits deep"  # variants before -deep: every exit
         cell "$dir/$r/$v-p$passes$tag" ftt.py "${flags[@]}" --model "$model" "${hold[@]}" --ssl-epochs "$passes" \
-          $exits --unlearn 0 --readmit none ${how[$v]} --quiet "$@"  # each variant names all it adds
+          $exits --unlearn 0 --readmit none ${how[$v]} --bn-diagnostic --quiet "$@"  # each variant names all it adds
       done
       for b in ${BASELINES:-}; do  # e.g. "ft nad": the paper's claim (a) beside FTT(SAD), at their defaults
         cell "$dir/$r/$b" baselines.py --method "$b" "${flags[@]}" --model "$model" --quiet "$@"

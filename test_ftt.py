@@ -919,7 +919,8 @@ def test_main_runs_both_stages_and_saves_a_plain_backbone_with_its_results(tmp_p
     needs_fashion()
     cfg = ftt.Config(**{**TINY, "train_size": 800, "test_size": 200, "attack_epochs": 1, "sad_epochs": 1,
                         "sad_lr_max": ftt.Config.sad_lr,  # one SAD attempt (the ladder has its own tests)
-                        "ssl_epochs": 1, "mu": 2, "quiet": False}, out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
+                        "ssl_epochs": 1, "mu": 2, "quiet": False, "bn_diagnostic": True},
+                     out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
     report = ftt.main(cfg)
     lines = capsys.readouterr().out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("ftt: device cpu"))
@@ -931,6 +932,7 @@ def test_main_runs_both_stages_and_saves_a_plain_backbone_with_its_results(tmp_p
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["results"] == report["results"] and set(saved["results"]) - {"ssl_pool"} == {"before", "sad", "ssl"}
     assert saved["config"]["seed"] == 0 and "torch" in saved["versions"] and saved["timings"]["total_s"] > 0
+    assert all(set(saved["results"][s]["bn_pool"]) == {"acc", "asr", "ra"} for s in ("before", "sad", "ssl"))
     plain = ftt.build_backbone("wrn10-1", 1, 10)
     plain.load_state_dict(torch.load(tmp_path / "run" / "purified.pt", weights_only=True), strict=True)
 

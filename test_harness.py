@@ -42,6 +42,20 @@ def test_evaluation_every_n_epochs_and_always_after_the_last(tmp_path):
     assert [harness.evaluation_due(e, 4, 0) for e in (1, 2, 3, 4)] == [False, False, False, True]
 
 
+def test_bn_reestimated_means_are_every_views_mean_and_the_model_given_is_left_alone():
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 256, (12, 1, 8, 8), dtype=torch.uint8)
+    flip = lambda v: v.flip(-1)  # the views: an augmentation written out here
+    m = harness.bn_reestimated(model, x, torch.device("cpu"), flip, channels_last=False, batch=4)
+    with torch.no_grad():
+        want = model[0](harness.to_input(flip(x), False)).mean((0, 2, 3))  # three equal batches: their means' mean
+    assert torch.allclose(m[1].running_mean, want, atol=1e-5) and not m.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # a copy was re-estimated
+
+
 def test_a_run_of_hours_is_told_what_to_run_instead():
     cfg = ftt.Config(arch="preact18", batch_size=4, mu=1, attack_batch=4)
     counts = {"train": 8, "clean": 4, "unlabelled": 4, "test": 4, "backdoor_test": 4}
