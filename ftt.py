@@ -73,7 +73,7 @@ class Config(RunConfig):
     ssl_decay_all: bool = flag(True, "stage 2's weight decay on every tensor (FixMatch: not on biases, BatchNorm)")
     teacher: str = flag("soft", "beyond the paper: the backdoored model's predictions outside the suspect class as "
                                 "targets (none: the paper)", choices=("none", "hard", "soft"))
-    teacher_weight: float = flag(1.0, "weight of --teacher's cross-entropy beside eq. (7)")
+    teacher_weight: float = flag(2.0, "weight of --teacher's cross-entropy beside eq. (7) (2: chosen on defender data)")
     suspect_draws: int = flag(1, "beyond the paper: stage 2 draws the suspect class's labelled images N times a cycle")
     unlearn: float = flag(0.0, "beyond the paper: weight of -log(1 - p_suspect) on what SAD moved out of that class")
     readmit: str = flag("none", "beyond the paper: suspect-class pool images SAD keeps there (p >= t) rejoin stage 2, "
