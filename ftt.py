@@ -76,6 +76,8 @@ class Config(RunConfig):
     teacher_weight: float = flag(2.0, "weight of --teacher's cross-entropy beside eq. (7) (2: chosen on defender data)")
     suspect_draws: int = flag(1, "beyond the paper: stage 2 draws the suspect class's labelled images N times a cycle")
     unlearn: float = flag(0.0, "beyond the paper: weight of -log(1 - p_suspect) on what SAD moved out of that class")
+    unlearn_residue: float = flag(-100.0, "--unlearn acts only where SAD leaves the suspect class a pool excess above "
+                                          "this (points; -100: always)")
     readmit: str = flag("none", "beyond the paper: suspect-class pool images SAD keeps there (p >= t) rejoin stage 2, "
                                 "pseudo-labelled (pseudo), also --teacher's (taught); not where SAD leaves that class a "
                                 "pool excess", choices=("none", "pseudo", "taught"))
@@ -798,6 +800,11 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
     if (cfg.unlearn > 0 or cfg.readmit != "none") and len(x_u) and cfg.ssl_epochs and s is None:
         why = "no suspect class in the pool" if cfg.ssl_pool == "drop-suspect" else "--ssl-pool all leaves nothing out"
         print(f"ftt: --unlearn, --readmit: {why}: stage 2 runs without them", flush=True)
+    elif cfg.unlearn > 0 and len(x_u) and cfg.ssl_epochs and (pp := results["sad"]["pool"]["suspect_pp"]) \
+            <= cfg.unlearn_residue:  # --unlearn-residue: SAD left class s no more excess than that, so no unlearning
+        results["unlearn"] = {"suspect": s, "images": 0, "sad_suspect_pp": pp}
+        print(f"ftt: --unlearn: SAD left class {s} a pool excess of {pp} points, not above {cfg.unlearn_residue}: "
+              f"stage 2 runs without it", flush=True)
     elif cfg.unlearn > 0 and len(x_u) and cfg.ssl_epochs:  # beyond the paper
         u = results.setdefault("unlearn", {"suspect": s})  # its images: what SAD moved out of class s (moved back's)
         order = back["index"][torch.randperm(len(back["index"]), generator=torch.Generator().manual_seed(cfg.seed))]
@@ -832,7 +839,7 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
         results.get("readmit", {}).pop("index", None)
         if back is not None:  # beyond the paper: a relapse reading without the trigger (mostly triggered images)
             i = back.pop("index")
-            i = i if cfg.unlearn <= 0 else kept_out  # --unlearn trains on the rest
+            i = i if avoid is None else kept_out  # --unlearn trains on the rest
             pred = predictions(purified, x_dropped[i], device, cfg.channels_last)
             back.update(images=len(i), share=hit_rate(pred, torch.tensor(s)) if len(i) else None)
             print(f"ftt: pool check: the purified model puts {back['share'] or 0:.1f}% of the {len(i)} pool images that SAD "

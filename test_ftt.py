@@ -814,17 +814,24 @@ def test_moved_back_reads_the_share_of_what_sad_moved_out_of_the_suspect_class_t
     assert said in capsys.readouterr().out
 
 
-def test_unlearn_adds_the_left_out_images_sad_moved_with_only_not_the_suspect_class(tmp_path, capsys, tiny_backdoor,
-                                                                                     monkeypatch):
+@pytest.mark.parametrize("gate", ["open", "shut"])
+def test_unlearn_adds_the_left_out_images_sad_moved_with_only_not_the_suspect_class_where_sad_left_an_excess(
+        gate, tmp_path, capsys, tiny_backdoor, monkeypatch):
+    # shut (--unlearn-residue above what SAD left): stage 2 as without --unlearn, with a line; moved back reads all
     path = tiny_backdoor(0)[0]
     capsys.readouterr()
     seen, stage2 = [], ftt.stage2_ssl
     monkeypatch.setattr(ftt, "stage2_ssl", lambda *a: (seen.append((len(a[3]), a[8], a[10])), stage2(*a))[1])
     cfg = ftt.Config(**{**TINY, "sad_lr": 0.1, "sad_lr_max": 0.1, "ssl_epochs": 1, "mu": 2, "unlearn": 1.0,
-                        "readmit": "none"},
+                        "readmit": "none", "unlearn_residue": -100.0 if gate == "open" else 100.0},
                      model=path, out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
     r = ftt.main(cfg)["results"]
     u, pool, ((n_u, teacher, avoid),) = r["unlearn"], r["ssl_pool"], seen
+    if gate == "shut":
+        assert u == {"suspect": pool["suspect"], "images": 0, "sad_suspect_pp": r["sad"]["pool"]["suspect_pp"]}
+        assert n_u == pool["kept"] == len(teacher) and avoid is None and r["moved_back"]["images"] > 0
+        assert f"--unlearn: SAD left class {pool['suspect']} a pool excess of" in capsys.readouterr().out
+        return
     assert set(u) == {"suspect", "images", "held"} and u["suspect"] == pool["suspect"]
     assert 0 < u["images"] and u["held"] == (u["images"] + u["held"]) // 4  # a quarter kept out of training
     assert r["moved_back"]["images"] == u["held"]  # what SAD moved out of the suspect class, read where not trained on
