@@ -75,9 +75,8 @@ class Config(RunConfig):
                                 "targets (none: the paper)", choices=("none", "hard", "soft"))
     teacher_weight: float = flag(2.0, "weight of --teacher's cross-entropy beside eq. (7) (2: chosen on defender data)")
     suspect_draws: int = flag(1, "beyond the paper: stage 2 draws the suspect class's labelled images N times a cycle")
-    unlearn: float = flag(0.0, "beyond the paper: weight of -log(1 - p_suspect) on what SAD moved out of that class")
-    unlearn_residue: float = flag(-100.0, "--unlearn acts only where SAD leaves the suspect class a pool excess above "
-                                          "this (points; -100: always)")
+    unlearn: float = flag(1.0, "beyond the paper: weight of -log(1 - p_suspect) on what SAD moved out of that class")
+    unlearn_residue: float = flag(0.0, "--unlearn acts only where SAD leaves the suspect class a pool excess above this")
     readmit: str = flag("none", "beyond the paper: suspect-class pool images SAD keeps there (p >= t) rejoin stage 2, "
                                 "pseudo-labelled (pseudo), also --teacher's (taught); not where SAD leaves that class a "
                                 "pool excess", choices=("none", "pseudo", "taught"))
@@ -794,17 +793,16 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
         diagnose(net.backbone, results["sad"])
     t = time.time()
     purified, avoid, s = net.backbone, None, (results.get("ssl_pool") or {}).get("suspect")
+    pp = results["sad"]["pool"]["suspect_pp"] if s is not None else None  # SAD's residue: its pool excess in class s
     back = results.setdefault("moved_back", {}) if s is not None and len(x_u) and cfg.ssl_epochs else None
     if back is not None and "index" not in back:  # kept while stage 2 runs: a resume has no SAD model
         back["index"] = unlearn_set(net.backbone, x_dropped, s, device, cfg.channels_last).cpu()
     if (cfg.unlearn > 0 or cfg.readmit != "none") and len(x_u) and cfg.ssl_epochs and s is None:
         why = "no suspect class in the pool" if cfg.ssl_pool == "drop-suspect" else "--ssl-pool all leaves nothing out"
         print(f"ftt: --unlearn, --readmit: {why}: stage 2 runs without them", flush=True)
-    elif cfg.unlearn > 0 and len(x_u) and cfg.ssl_epochs and (pp := results["sad"]["pool"]["suspect_pp"]) \
-            <= cfg.unlearn_residue:  # --unlearn-residue: SAD left class s no more excess than that, so no unlearning
+    elif cfg.unlearn > 0 and len(x_u) and cfg.ssl_epochs and pp <= cfg.unlearn_residue:  # SAD left no residue there
         results["unlearn"] = {"suspect": s, "images": 0, "sad_suspect_pp": pp}
-        print(f"ftt: --unlearn: SAD left class {s} a pool excess of {pp} points, not above {cfg.unlearn_residue}: "
-              f"stage 2 runs without it", flush=True)
+        print(f"ftt: --unlearn off: SAD left class {s} {pp} points of excess, not over {cfg.unlearn_residue}", flush=True)
     elif cfg.unlearn > 0 and len(x_u) and cfg.ssl_epochs:  # beyond the paper
         u = results.setdefault("unlearn", {"suspect": s})  # its images: what SAD moved out of class s (moved back's)
         order = back["index"][torch.randperm(len(back["index"]), generator=torch.Generator().manual_seed(cfg.seed))]
@@ -814,10 +812,9 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
               f"elsewhere join stage 2 with 'not class {s}' as their only target ({u['held']} kept out)", flush=True)
         x_u, teacher, avoid = join_pool(x_u, teacher, avoid, x_t, avoid_new=s)
     rejoin = cfg.readmit != "none" and s is not None and len(x_u) and cfg.ssl_epochs  # beyond the paper
-    if rejoin and (pp := results["sad"]["pool"]["suspect_pp"]) > cfg.readmit_residue:  # SAD left an excess in class s
+    if rejoin and pp > cfg.readmit_residue:  # SAD left an excess in class s
         results["readmit"] = {"images": 0, "sad_suspect_pp": pp}
-        print(f"ftt: --readmit: SAD left class {s} a pool excess above {cfg.readmit_residue} points, so the images it keeps "
-              f"there may carry the trigger: they stay out of stage 2", flush=True)
+        print(f"ftt: --readmit: SAD left class {s} a pool excess above {cfg.readmit_residue} points: none join", flush=True)
     elif rejoin:
         r = results.setdefault("readmit", {})  # "index" stays while stage 2 runs, as --unlearn's does
         i = r["index"] = r["index"] if "index" in r else \
@@ -871,9 +868,8 @@ def main(cfg: Config) -> dict:
     t = time.time()
     from bench import start_estimate  # from the steps bench.py times, on random images
     est = start_estimate(cfg, p, train_attacker)
-    timings["estimate_s"] = time.time() - t
+    timings["estimate_s"], t = time.time() - t, time.time()
     log = RunLog(p["evaluate"], cfg.eval_every, out / "log.jsonl", cfg.quiet, est)
-    t = time.time()
     if not cfg.model and state.done("attack"):  # resuming after the attacker's training finished
         model.load_state_dict(torch.load(out / "backdoored.pt", map_location=device, weights_only=True))
     elif not cfg.model:

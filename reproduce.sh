@@ -405,18 +405,19 @@ PY
         model="$dir/$r/attacker/backdoored.pt"
         cell "$dir/$r/attacker" ftt.py "${flags[@]}" "${recipe[@]}" --sad-epochs 0 --ssl-epochs 0 --quiet
       fi
-      for v in $variants; do  # one-teacher or deep (today's defaults), then any of -deep -teacherW -unlearnW -drawN
-        if [[ $v == one-teacher-* || $v == deep-* ]]; then  # -prior -readmit-KIND: those flags added, in that order
+      for v in $variants; do  # one-teacher or deep, then any of -deep -teacherW -unlearnW -gateP -drawN (deep-unlearn1-gate0
+        if [[ $v == one-teacher-* || $v == deep-* ]]; then  # = defaults); -prior -readmit-KIND: those flags added
           o=${how[one-teacher]}; [[ $v == deep-* ]] && o=""
           [[ $v =~ -teacher([0-9.]+) ]] && o+=" --teacher-weight ${BASH_REMATCH[1]}"
-          [[ $v == *-unlearn* ]] && { w=${v##*-unlearn}; o+=" --unlearn ${w%%-*}"; }
+          [[ $v == *-unlearn* ]] && { w=${v##*-unlearn}; o+=" --unlearn ${w%%-*}"; }  # always, unless -gateP:
+          [[ $v =~ -gate(-?[0-9.]+) ]] && o+=" --unlearn-residue ${BASH_REMATCH[1]}"  # only over SAD's excess P
           [[ $v == *-draw* ]] && { d=${v##*-draw}; o+=" --suspect-draws ${d%%-*}"; }
           [[ $v == *-prior* ]] && o+=" --prior-shift"
           [[ $v == *-readmit-* ]] && o+=" --readmit ${v##*-readmit-} --readmit-residue 100"; how[$v]=$o  # (no gate)
         fi
         exits="--ssl-exits all"; [[ $v == *deep* ]] && exits="--ssl-exits deep"  # variants before -deep: every exit
         cell "$dir/$r/$v-p$passes$tag" ftt.py "${flags[@]}" --model "$model" "${hold[@]}" --ssl-epochs "$passes" \
-          $exits --unlearn 0 --readmit none ${how[$v]} --bn-diagnostic --quiet "$@"  # each variant names all it adds
+          $exits --unlearn 0 --unlearn-residue -100 --readmit none ${how[$v]} --bn-diagnostic --quiet "$@"  # its own last
       done
       for b in ${BASELINES:-}; do  # e.g. "ft nad": the paper's claim (a) beside FTT(SAD), at their defaults
         cell "$dir/$r/$b" baselines.py --method "$b" "${flags[@]}" --model "$model" --quiet "$@"

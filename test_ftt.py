@@ -830,7 +830,8 @@ def test_unlearn_adds_the_left_out_images_sad_moved_with_only_not_the_suspect_cl
     if gate == "shut":
         assert u == {"suspect": pool["suspect"], "images": 0, "sad_suspect_pp": r["sad"]["pool"]["suspect_pp"]}
         assert n_u == pool["kept"] == len(teacher) and avoid is None and r["moved_back"]["images"] > 0
-        assert f"--unlearn: SAD left class {pool['suspect']} a pool excess of" in capsys.readouterr().out
+        said = f"--unlearn off: SAD left class {pool['suspect']} {u['sad_suspect_pp']} points of excess"
+        assert said in capsys.readouterr().out
         return
     assert set(u) == {"suspect", "images", "held"} and u["suspect"] == pool["suspect"]
     assert 0 < u["images"] and u["held"] == (u["images"] + u["held"]) // 4  # a quarter kept out of training
