@@ -75,7 +75,7 @@ class Config(RunConfig):
                                 "targets (none: the paper)", choices=("none", "hard", "soft"))
     teacher_weight: float = flag(2.0, "weight of --teacher's cross-entropy beside eq. (7) (2: chosen on defender data)")
     suspect_draws: int = flag(1, "beyond the paper: stage 2 draws the suspect class's labelled images N times a cycle")
-    unlearn: float = flag(1.0, "beyond the paper: weight of -log(1 - p_suspect) on what SAD moved out of that class")
+    unlearn: float = flag(3.0, "beyond the paper: weight of -log(1 - p_suspect) on what SAD moved out of that class")
     unlearn_residue: float = flag(0.0, "--unlearn acts only where SAD leaves the suspect class a pool excess above this")
     readmit: str = flag("none", "beyond the paper: suspect-class pool images SAD keeps there (p >= t) rejoin stage 2, "
                                 "pseudo-labelled (pseudo), also --teacher's (taught); not where SAD leaves that class a "

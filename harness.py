@@ -182,8 +182,9 @@ def validate(cfg) -> None:
     if getattr(cfg, "suspect_draws", 1) > 1 and cfg.ssl_pool != "drop-suspect":
         raise ConfigError(f"--suspect-draws {cfg.suspect_draws}: needs --ssl-pool drop-suspect (with all of the pool "
                           f"the suspect class has its pool images, and no class is drawn more often)")
-    if getattr(cfg, "unlearn", 0.0) < 0:
-        raise ConfigError(f"--unlearn: {cfg.unlearn} must be >= 0 (0: off)")
+    for name in ("unlearn", "teacher_weight"):  # a negative weight would train toward what it should avoid
+        if getattr(cfg, name, 0.0) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} must be >= 0 (0: off)")
     if getattr(cfg, "teacher", "none") != "none" and cfg.ssl_forward == "split":
         raise ConfigError(f"--teacher {cfg.teacher}: needs --ssl-forward one or two (a pass its loss can train); "
                           f"with --ssl-forward split give --teacher none")

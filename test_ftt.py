@@ -658,6 +658,8 @@ def test_teacher_needs_a_trained_pass_and_holdout_a_share():
         harness.validate(ftt.Config(suspect_draws=3, ssl_pool="all"))  # it would change nothing, silently
     with pytest.raises(harness.ConfigError, match="--unlearn"):
         harness.validate(ftt.Config(unlearn=-1.0))
+    with pytest.raises(harness.ConfigError, match="--teacher-weight"):
+        harness.validate(ftt.Config(teacher_weight=-1.0))
     # --unlearn and --readmit step aside (with a line, the test below) where the paper's stage 2 is asked for
     harness.validate(ftt.Config(ssl_pool="all", unlearn=1.0, readmit="taught"))
     harness.validate(ftt.Config(teacher="none", readmit="taught"))  # its images then join with pseudo-labels alone
