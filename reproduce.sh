@@ -405,7 +405,7 @@ PY
         model="$dir/$r/attacker/backdoored.pt"
         cell "$dir/$r/attacker" ftt.py "${flags[@]}" "${recipe[@]}" --sad-epochs 0 --ssl-epochs 0 --quiet
       fi
-      for v in $variants; do  # one-teacher or deep, then any of -deep -teacherW -unlearnW -gateP -drawN (deep-unlearn1-gate0
+      for v in $variants; do  # one-teacher or deep, then any of -deep -teacherW -unlearnW -gateP -drawN (deep-unlearn3-gate0
         if [[ $v == one-teacher-* || $v == deep-* ]]; then  # = defaults); -prior -readmit-KIND: those flags added
           o=${how[one-teacher]}; [[ $v == deep-* ]] && o=""
           [[ $v =~ -teacher([0-9.]+) ]] && o+=" --teacher-weight ${BASH_REMATCH[1]}"

@@ -787,7 +787,9 @@ def test_the_default_stage2_gives_back_what_sad_cost_with_the_backdoor_still_gon
     # pass, the backdoored model's own predictions outside the suspect class as a teacher) gives it back.
     # Measured (docs/results.md, 2026-12-04), SAD -> SAD+SSL ACC: 74.2 -> 75.2 (default), 72.7 -> 74.3 (avx2), 73.6 ->
     # 75.4 (AVX-512); ASR after SSL 1.3-2.6. Not all of SAD's cost comes back (before: about 80). With stage 2 on
-    # the deepest exit alone (the default since): 74.2 -> 75.7 (default), 72.7 -> 74.7 (avx2); ASR 1.5 and 0.9.
+    # the deepest exit alone (the default since): 74.2 -> 75.7 (default), 72.7 -> 74.7 (avx2); ASR 1.5 and 0.9. With
+    # the teacher at weight 2 (2026-12-05; --unlearn's gate shut here, SAD's excess -1.5 to -2.5): 74.2 -> 76.2, 72.7
+    # -> 74.7, 73.6 -> 75.3 (AVX-512); ASR 1.5, 1.3, 2.0.
     path, before = tiny_backdoor(0)
     cfg = ftt.Config(**{**TINY, "sad_lr": 0.1, "sad_lr_max": 0.1, "ssl_epochs": 2, "mu": 2}, model=path,
                      out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
