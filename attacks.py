@@ -77,6 +77,23 @@ def patch(x: Tensor, rgba: Tensor) -> Tensor:
     return a * (p.float() / 255) + (1 - a) * x
 
 
+def recover_patch(suspect: Tensor, clean: Tensor, share: float = 0.5, rare: float = 0.1) -> Tensor | None:
+    """A defender's inverse of patch (ftt.py --stamp): the pixels where at least `share` of the suspect images hold
+    one exact colour that at most `rare` of the clean images hold there. suspect (N, C, H, W), clean (M, C, H, W)
+    uint8 -> rgba (C + 1, H, W) for patch(), alpha 255 on the pixels found, else 0; None where none is found (a
+    blend or a warp leaves no pixel fixed). `rare` keeps out what clean images share, such as a black background."""
+    if not len(suspect) or not len(clean):
+        return None
+    key = lambda x: sum(x.flatten(2)[:, i].long() << (8 * i) for i in range(x.shape[1]))  # colour -> int, (N, H*W)
+    mode = key(suspect).mode(0).values  # (H*W,)
+    held = lambda x: (key(x) == mode.to(x.device)).float().mean(0)
+    found = (held(suspect) >= share) & (held(clean).to(suspect.device) <= rare)
+    if not found.any():
+        return None
+    colour = torch.stack([(mode >> (8 * i)) & 255 for i in range(suspect.shape[1])] + [255 * found.long()])
+    return colour.to(torch.uint8).view(-1, *suspect.shape[2:])
+
+
 def checkerboard_rgba(channels: int, h: int, w: int, size: int = 3) -> Tensor:
     """Ours, not a published trigger: a size x size black-and-white checkerboard in the bottom-right corner,
     white where the row and column within it have an even sum, as an rgba (channels + 1, H, W) for `patch`.

@@ -4,7 +4,7 @@ Stage 1, SAD: early exits after every stage but the last; train on a small clean
 exit-weighted cross-entropy (eq. 1) plus the attention presentation loss to the deepest feature (eq. 2-5).
 Stage 2, SSL: the poisoned pool, labels thrown away, joins through per-exit FixMatch pseudo-labels (eq. 6, 7).
 Measured (docs/results.md, 2 CPU cores), at the defaults on five backdoored WRN-16-1 models other groups released:
-ASR 99.69 -> 5.08, ACC 84.87 -> 84.32 (means; `./reproduce.sh third-party-table`). The paper's +9 from SSL did not appear.
+ASR 99.69 -> 3.93, ACC 84.87 -> 84.51 (means; `./reproduce.sh third-party-table`). The paper's +9 from SSL did not appear.
 
   eq. (1)  exit_weights, exit_cross_entropy     eq. (5)  ap_loss, reduce_ap (the batch reduction is ours)
   eq. (2)  attention_sum                        eq. (6)  pseudo_labels
@@ -28,14 +28,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attacks import patch
 from augment import cutout, rand_augment, random_crop_flip
-from harness import (ARCHS, SSL_POOLS, SCHEDULES, FiniteWatch, RunConfig, RunLog, RunState, autocast, bn_momentum,
-                     bn_reestimated, cosine, descend, ema_update, flag, frozen_bn_stats, held_out_rates, hit_rate, join_pool,
-                     logits_of, lr_ladder, measured, moved, parse_config, predictions, run_cli, sgd, to_input, versions)
+from harness import (ARCHS, SSL_POOLS, SCHEDULES, FiniteWatch, RunConfig, RunLog, RunState, autocast, bias_for_share,
+                     bn_momentum, bn_reestimated, cosine, descend, ema_update, flag, frozen_bn_stats, held_out_rates,
+                     hit_rate, join_pool, logits_of, lr_ladder, measured, moved, parse_config, predictions, read_patch,
+                     run_cli, sgd, stamped_to_suspect, to_input, versions)
 from loading import finish, prepare, torchvision_backbone
 
 Tensor = torch.Tensor
-SSL_STEPS, SSL_EXITS = ("split", "one", "two"), ("all", "deep")  # --ssl-forward, --ssl-exits
+SSL_STEPS, SSL_EXITS = ("split", "one", "two"), ("all", "deep")  # --ssl-forward's and --ssl-exits' choices
+TEACHERS, READMIT = ("none", "hard", "soft"), ("none", "pseudo", "taught")  # --teacher's and --readmit's
 
 
 # ================================================================================================
@@ -66,20 +69,17 @@ class Config(RunConfig):
     threshold: float = flag(0.95, "pseudo-label confidence threshold t, eq. (6)")
     batch_size: int = flag(64, "labelled batch of both stages (paper: 64)")
     ema: float = flag(0.999, "stage 2 keeps, evaluates and saves an EMA of the weights with this decay (0: none)")
-    ssl_forward: str = flag("one", "stage 2's step: one trained pass (FixMatch), or the weak views in a no-grad pass "
-                                   "without (split: the paper's) or with BatchNorm updates (two)", choices=SSL_STEPS)
+    ssl_forward: str = flag("one", "stage 2: one trained pass (FixMatch); no-grad weak views: split, two", choices=SSL_STEPS)
     ssl_bn_momentum: float = flag(0.0, "BatchNorm momentum during stage 2 (FixMatch: 0.001; 0: the model's own)")
     ssl_exits: str = flag("deep", "stage 2 trains the deepest exit alone, or every exit as eq. (7) (all)", choices=SSL_EXITS)
     ssl_decay_all: bool = flag(True, "stage 2's weight decay on every tensor (FixMatch: not on biases, BatchNorm)")
-    teacher: str = flag("soft", "beyond the paper: the backdoored model's predictions outside the suspect class as "
-                                "targets (none: the paper)", choices=("none", "hard", "soft"))
+    teacher: str = flag("soft", "beyond the paper: the backdoored model's outputs as targets", choices=TEACHERS)
     teacher_weight: float = flag(2.0, "weight of --teacher's cross-entropy beside eq. (7) (2: chosen on defender data)")
     suspect_draws: int = flag(1, "beyond the paper: stage 2 draws the suspect class's labelled images N times a cycle")
     unlearn: float = flag(3.0, "beyond the paper: weight of -log(1 - p_suspect) on what SAD moved out of that class")
     unlearn_residue: float = flag(0.0, "--unlearn acts only where SAD leaves the suspect class a pool excess above this")
-    readmit: str = flag("none", "beyond the paper: suspect-class pool images SAD keeps there (p >= t) rejoin stage 2, "
-                                "pseudo-labelled (pseudo), also --teacher's (taught); not where SAD leaves that class a "
-                                "pool excess", choices=("none", "pseudo", "taught"))
+    stamp: float = flag(0.2, "beyond the paper: share of stage 2's labelled images given results.json's patch (0.2: docs)")
+    readmit: str = flag("none", "beyond the paper: SAD's sure suspect-class pool images rejoin", choices=READMIT)
     readmit_residue: float = flag(0.0, "--readmit steps aside where SAD leaves the suspect class more pool excess (points)")
     prior_shift: bool = flag(False, "beyond the paper: after stage 2, the suspect class's bias up to its clean share")
     holdout: float = flag(0.0, "share of the clean subset kept out of both stages: ACC on defender data")
@@ -503,10 +503,10 @@ def labelled_cycle(y: Tensor, suspect: int | None, draws: int) -> Tensor:
 
 def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config, device: torch.device, log: RunLog,
                state: RunState | None = None, teacher: Tensor | None = None, suspect: int | None = None,
-               avoid: Tensor | None = None) -> nn.Module:
+               avoid: Tensor | None = None, stamp: Tensor | None = None) -> nn.Module:
     """Trains net on the labelled x_l, y_l and the unlabelled x_u (uint8 (N, C, H, W)) with eq. (7) whole;
-    teacher, avoid: --teacher's targets, --unlearn's classes, one per image of x_u; suspect: labelled_cycle's. -> the
-    model to keep: with cfg.ema > 0 an EMA of the weights (evaluated every epoch and saved), else the backbone."""
+    teacher, avoid: --teacher's targets, --unlearn's classes, one per image of x_u; suspect: labelled_cycle's; stamp:
+    --stamp's patch (rgba). -> the model to keep: with cfg.ema > 0 an EMA of the weights, else the backbone."""
     weights = ssl_exit_weights(net, cfg)
     b, bu = cfg.batch_size, cfg.mu * cfg.batch_size
     steps, total_steps = ssl_schedule(len(x_u), cfg)
@@ -533,10 +533,14 @@ def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config
                 perm_l, pos_l = shuffled(), 0
             idx_l, pos_l = perm_l[pos_l:pos_l + b], pos_l + b
             idx_u = perm_u[step * bu:(step + 1) * bu]
-            u = x_u[idx_u]
+            u, xb = x_u[idx_u], x_l[idx_l]
+            if stamp is not None:  # --stamp: a share of the labelled batch gets the patch, labels kept; own draws, so
+                g = torch.Generator().manual_seed(cfg.seed + (epoch - 1) * steps + step)  # the rest is as without it
+                coin = (torch.rand(len(xb), generator=g) < cfg.stamp).to(xb.device).view(-1, 1, 1, 1)
+                xb = torch.where(coin, patch(xb, stamp), xb)
             per_image = [t[idx_u] if t is not None else None for t in (teacher, avoid)]
             with bn_momentum(net, cfg.ssl_bn_momentum) if cfg.ssl_bn_momentum > 0 else nullcontext():
-                loss, parts = ssl_forward(net, weak_augment(x_l[idx_l]), y_l[idx_l], weak_augment(u), strong_augment(u),
+                loss, parts = ssl_forward(net, weak_augment(xb), y_l[idx_l], weak_augment(u), strong_augment(u),
                                           weights, cfg, device, *per_image)
             watch.see(loss, step)
             descend(opt, sched, loss)
@@ -679,21 +683,16 @@ def teacher_targets(model: nn.Module, x_pool: Tensor, check: PoolCheck, soft: bo
 
 @torch.no_grad()
 def prior_shift(model: nn.Module, check: PoolCheck, channels_last: bool = True) -> dict:
-    """--prior-shift: the least raise (bisection) of the suspect class's bias in model.head[-1] that gives it the clean
-    subset's share of the pool probe (the pool check is blind after it). -> {"class", "shift"} (0: none needed)."""
+    """--prior-shift: the least raise of the suspect class's bias in model.head[-1] that gives it the clean subset's
+    share of the pool probe (harness.bias_for_share; the pool check is blind after it). -> {"class", "shift"}."""
     s, head = check.suspect, model.eval().head[-1]
     if not check.visible or head.bias is None:
         print("ftt: --prior-shift: no suspect class in the pool, or no bias: nothing shifted", flush=True)
         return {"class": None, "shift": 0.0}
-    z = logits_of(model, check.probe, check.probe.device, channels_last)
-    share = lambda d: (torch.cat([z[:, :s], z[:, s:s + 1] + d, z[:, s + 1:]], 1).argmax(1) == s).float().mean()
-    target, lo, hi = (check.y_labelled == s).float().mean(), 0.0, float((z.amax(1) - z[:, s]).max()) + 1.0
-    if share(lo) >= target:
-        return {"class": s, "shift": 0.0}
-    for _ in range(30):
-        lo, hi = (lo, (lo + hi) / 2) if share((lo + hi) / 2) >= target else ((lo + hi) / 2, hi)
-    head.bias[s] += hi + 1e-4  # past the boundary: the layer's own arithmetic may round a tie the other way
-    return {"class": s, "shift": hi + 1e-4}
+    shift = bias_for_share(logits_of(model, check.probe, check.probe.device, channels_last), s,
+                           float((check.y_labelled == s).float().mean()))
+    head.bias[s] += shift
+    return {"class": s, "shift": shift}
 
 
 def sad_on_the_ladder(model: nn.Module, x_l: Tensor, y_l: Tensor, cfg: Config, check: PoolCheck, k: int,
@@ -786,6 +785,7 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
         if cfg.teacher != "none" and cfg.ssl_epochs and len(x_u) else None
     taught = teacher_targets(model, x_dropped, check, cfg.teacher == "soft", device, cfg.channels_last, everywhere=True) \
         if cfg.readmit == "taught" and teacher is not None and results.get("ssl_pool") else None  # before SAD changes it
+    backdoored = copy.deepcopy(model) if check.visible and "patch" not in results else None  # read_patch's "before"
     t = time.time()
     net = sad_on_the_ladder(model, x_l, y_l, cfg, check, k, device, log, state, results)
     timings["sad_s"] = time.time() - t
@@ -797,6 +797,9 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
     back = results.setdefault("moved_back", {}) if s is not None and len(x_u) and cfg.ssl_epochs else None
     if back is not None and "index" not in back:  # kept while stage 2 runs: a resume has no SAD model
         back["index"] = unlearn_set(net.backbone, x_dropped, s, device, cfg.channels_last).cpu()
+    rgba = read_patch(check, x_dropped[back["index"].to(x_u.device)], x_l, results,
+                      {"before": backdoored, "sad": net.backbone}) if back is not None else None  # beyond the paper
+    del backdoored
     if (cfg.unlearn > 0 or cfg.readmit != "none") and len(x_u) and cfg.ssl_epochs and s is None:
         why = "no suspect class in the pool" if cfg.ssl_pool == "drop-suspect" else "--ssl-pool all leaves nothing out"
         print(f"ftt: --unlearn, --readmit: {why}: stage 2 runs without them", flush=True)
@@ -824,7 +827,10 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
               f"put in class {s} rejoin stage 2", flush=True)
         x_u, teacher, avoid = join_pool(x_u, teacher, avoid, x_dropped[i], None if taught is None else taught[i])
     if len(x_u) and cfg.ssl_epochs:
-        purified = stage2_ssl(net, x_l, y_l, x_u, cfg, device, log, state, teacher, s, avoid)  # s: --suspect-draws'
+        purified = stage2_ssl(net, x_l, y_l, x_u, cfg, device, log, state, teacher, s, avoid,
+                              rgba if cfg.stamp > 0 else None)  # s: --suspect-draws'
+        if rgba is not None:
+            results["patch"]["to_suspect"]["ssl"] = stamped_to_suspect(purified, check, rgba)
         results["ssl"] = measured(log.measure("ssl", purified))
         if cfg.prior_shift:  # beyond the paper; results["ssl"]: the model returned, after the shift
             unshifted = {**results["ssl"], **check.held_out_acc(purified)}

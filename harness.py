@@ -188,6 +188,8 @@ def validate(cfg) -> None:
     if getattr(cfg, "teacher", "none") != "none" and cfg.ssl_forward == "split":
         raise ConfigError(f"--teacher {cfg.teacher}: needs --ssl-forward one or two (a pass its loss can train); "
                           f"with --ssl-forward split give --teacher none")
+    if not 0 <= getattr(cfg, "stamp", 0) <= 1:
+        raise ConfigError(f"--stamp: {cfg.stamp} must lie in [0, 1] (a share of stage 2's labelled images; 0: off)")
     if not 0 <= getattr(cfg, "sad_early_check", 0) < 1:
         raise ConfigError(f"--sad-early-check: {cfg.sad_early_check} must lie in [0, 1) (0: the check at the end only)")
     if not 0 <= getattr(cfg, "holdout", 0) < 1:
@@ -390,6 +392,44 @@ def logits_of(model: nn.Module, x: Tensor, device: torch.device, channels_last: 
         with autocast(device):
             out.append(model(to_input(x[i:i + batch].to(device), channels_last)).float())
     return torch.cat(out)
+
+
+def stamped_to_suspect(model: nn.Module, check, rgba: Tensor) -> float:
+    """ftt.purify's backdoor reading, an ASR without the attacker's trigger (check: its PoolCheck): the share (%) of
+    2,000 pool-probe images the backdoored model puts outside the suspect class that `model` puts in it once they
+    carry the patch rgba."""
+    x = check.probe[check.pred != check.suspect][:2000]
+    return round(hit_rate(check.predict_on(model, attacks.patch(x, rgba)), torch.tensor(check.suspect)), 2)
+
+
+def read_patch(check, moved_out: Tensor, x_l: Tensor, results: dict, models: dict) -> Tensor | None:
+    """The patch (rgba) most of the images SAD moved out of the suspect class hold and the clean subset does not
+    (attacks.recover_patch), or None; results["patch"] (the first time): its pixels [row, col, colour] and
+    stamped_to_suspect of `models` (name -> model). --stamp trains with it."""
+    rgba = attacks.recover_patch(moved_out, x_l) if len(moved_out) >= 50 else None  # fewer: no share to read
+    if "patch" not in results:  # (a resumed stage 2 has them, and no backdoored or SAD model to read)
+        at = (rgba[-1] > 0).nonzero().tolist() if rgba is not None else []
+        read = {n: stamped_to_suspect(m, check, rgba) for n, m in models.items()} if at else {}
+        results["patch"] = {"from": len(moved_out), "pixels": [[r, c, rgba[:-1, r, c].tolist()] for r, c in at],
+                            "to_suspect": read}
+    p, s = results["patch"], check.suspect
+    print(f"ftt: pool check: {len(p['pixels'])} pixels hold one colour in most of the {p['from']} pool images SAD moved "
+          f"out of class {s}" + (f"; pasted on pool images of other classes, they send {p['to_suspect']} % to it (a "
+                                 f"patch trigger read back)" if p["pixels"] else ": no patch trigger to read"), flush=True)
+    return rgba
+
+
+def bias_for_share(z: Tensor, c: int, share: float) -> float:
+    """The least raise d of class c's logit (bisection, 30 steps, then just past the boundary: a layer's own arithmetic
+    may round a tie the other way) for which c is the argmax of at least `share` of the rows of z (N, K); 0 if it
+    already is. ftt.py --prior-shift adds it to the head's bias."""
+    hits = lambda d: float((torch.cat([z[:, :c], z[:, c:c + 1] + d, z[:, c + 1:]], 1).argmax(1) == c).float().mean())
+    if hits(0.0) >= share:
+        return 0.0
+    lo, hi = 0.0, float((z.amax(1) - z[:, c]).max()) + 1.0
+    for _ in range(30):
+        lo, hi = (lo, (lo + hi) / 2) if hits((lo + hi) / 2) >= share else ((lo + hi) / 2, hi)
+    return hi + 1e-4
 
 
 def hit_rate(pred: Tensor, y: Tensor) -> float:

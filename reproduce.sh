@@ -405,19 +405,20 @@ PY
         model="$dir/$r/attacker/backdoored.pt"
         cell "$dir/$r/attacker" ftt.py "${flags[@]}" "${recipe[@]}" --sad-epochs 0 --ssl-epochs 0 --quiet
       fi
-      for v in $variants; do  # one-teacher or deep, then any of -deep -teacherW -unlearnW -gateP -drawN (deep-unlearn3-gate0
-        if [[ $v == one-teacher-* || $v == deep-* ]]; then  # = defaults); -prior -readmit-KIND: those flags added
+      for v in $variants; do  # one-teacher or deep, then any of -deep -teacherW -unlearnW -gateP -stampR -drawN (deep-
+        if [[ $v == one-teacher-* || $v == deep-* ]]; then  # unlearn3-gate0 = defaults); -prior -readmit-KIND: those added
           o=${how[one-teacher]}; [[ $v == deep-* ]] && o=""
           [[ $v =~ -teacher([0-9.]+) ]] && o+=" --teacher-weight ${BASH_REMATCH[1]}"
           [[ $v == *-unlearn* ]] && { w=${v##*-unlearn}; o+=" --unlearn ${w%%-*}"; }  # always, unless -gateP:
           [[ $v =~ -gate(-?[0-9.]+) ]] && o+=" --unlearn-residue ${BASH_REMATCH[1]}"  # only over SAD's excess P
+          [[ $v =~ -stamp([0-9.]+) ]] && o+=" --stamp ${BASH_REMATCH[1]}"  # a patch read back, on labelled images
           [[ $v == *-draw* ]] && { d=${v##*-draw}; o+=" --suspect-draws ${d%%-*}"; }
           [[ $v == *-prior* ]] && o+=" --prior-shift"
           [[ $v == *-readmit-* ]] && o+=" --readmit ${v##*-readmit-} --readmit-residue 100"; how[$v]=$o  # (no gate)
         fi
         exits="--ssl-exits all"; [[ $v == *deep* ]] && exits="--ssl-exits deep"  # variants before -deep: every exit
-        cell "$dir/$r/$v-p$passes$tag" ftt.py "${flags[@]}" --model "$model" "${hold[@]}" --ssl-epochs "$passes" \
-          $exits --unlearn 0 --unlearn-residue -100 --readmit none ${how[$v]} --bn-diagnostic --quiet "$@"  # its own last
+        cell "$dir/$r/$v-p$passes$tag" ftt.py "${flags[@]}" --model "$model" "${hold[@]}" --ssl-epochs "$passes" $exits \
+          --unlearn 0 --unlearn-residue -100 --readmit none --stamp 0 ${how[$v]} --bn-diagnostic --quiet "$@"  # its own last
       done
       for b in ${BASELINES:-}; do  # e.g. "ft nad": the paper's claim (a) beside FTT(SAD), at their defaults
         cell "$dir/$r/$b" baselines.py --method "$b" "${flags[@]}" --model "$model" --quiet "$@"
@@ -526,14 +527,17 @@ def get(m, cell):
 f = lambda r: "-" if r is None or r.get("acc") is None else f"{r['acc']:.2f} / {r['asr']:.2f}"
 mins = lambda j: "" if j is None else f" ({j['timings']['total_s'] / 60:.0f} min)"
 print("\nThird-party models (./reproduce.sh third-party-table): ACC on the 10,000 test images / ASR, in %; minutes\n")
-print("| model | before | FT | NAD (ours) | FTT (SAD) | FTT (SAD+SSL) | floor (clean model's ASR) |\n|---|---|---|---|---|---|---|")
+patch = lambda j: (lambda p: "-" if not p.get("pixels") else " / ".join(f"{v:.2f}" for v in p["to_suspect"].values())
+                   + f" ({len(p['pixels'])} px)")(j["results"].get("patch") or {}) if j else "-"
+print("| model | before | FT | NAD (ours) | FTT (SAD) | FTT (SAD+SSL) | floor (clean model's ASR) | FTT's patch read back: "
+      "ASR before / SAD / SSL |\n|---|---|---|---|---|---|---|---|")
 for m in models:
     ftt, ft, nad, floor = (get(m, c) for c in (ftt_cell, "ft", "nad", "floor"))
     before = (ftt or ft or nad or {}).get("results", {}).get("before")
     after = lambda j: None if j is None else j["results"].get("after")
     print(f"| {m} | {f(before)} | {f(after(ft))}{mins(ft)} | {f(after(nad))}{mins(nad)} | "
           f"{f(ftt['results'].get('sad')) if ftt else '-'} | {f(ftt['results'].get('ssl')) if ftt else '-'}{mins(ftt)} | "
-          f"{'-' if floor is None else format(floor['results']['before']['asr'], '.2f')} |")
+          f"{'-' if floor is None else format(floor['results']['before']['asr'], '.2f')} | {patch(ftt)} |")
 PY
     ;;
   third-party-before)

@@ -152,6 +152,34 @@ def test_trigger_png_of_another_size_or_without_alpha_is_refused(tmp_path):
         attacks.read_trigger_png(tmp_path / "bad.png", 3, (H, W))
 
 
+@given(seeds, st.integers(1, 3), st.floats(0.6, 1.0))
+def test_recover_patch_reads_back_exactly_the_opaque_pixels_most_suspect_images_share(seed, c, share):
+    # random images, a random opaque patch on a share of the suspect ones: the patch comes back pixel for pixel
+    g = torch.Generator().manual_seed(seed)
+    rgba = torch.randint(0, 256, (c + 1, H, W), generator=g, dtype=torch.uint8)
+    rgba[-1] = 255 * (torch.rand(H, W, generator=g) < 0.1)
+    rgba[-1, 0, 0] = 255  # at least one pixel
+    suspect, clean = images(200, seed, c=c), images(100, seed + 1, c=c)
+    n = round(share * len(suspect))
+    suspect[:n] = attacks.patch(suspect[:n], rgba)
+    got = attacks.recover_patch(suspect, clean)
+    on = rgba[-1] == 255
+    assert got is not None and torch.equal(got[-1], rgba[-1]) and torch.equal(got[:, on], rgba[:, on])
+    x = images(5, seed + 2, c=c)
+    assert torch.equal(attacks.patch(x, got), attacks.patch(x, rgba))
+
+
+def test_recover_patch_finds_nothing_in_a_blend_clean_images_or_what_clean_images_share():
+    x, clean = images(300, 0), images(100, 1)
+    blend = attacks.blended(x, attacks.blend_pattern((C, H, W), 0), 0.2)
+    assert attacks.recover_patch(blend, clean) is None and attacks.recover_patch(x, clean) is None
+    assert attacks.recover_patch(x[:0], clean) is None
+    black = lambda v: torch.cat([v[..., :1, :] * 0, v[..., 1:, :]], -2)  # every image's first row black
+    found = attacks.recover_patch(attacks.badnets(black(x)), black(clean))
+    assert found is not None and found[-1, 0].sum() == 0  # the shared black row is no trigger
+    assert torch.equal(found[-1] == 255, attacks.badnets(torch.zeros(1, 1, H, W, dtype=torch.uint8))[0, 0] == 255)
+
+
 @given(seeds, st.floats(0, 1))
 def test_blended_is_convex_mix_to_rounding(seed, alpha):
     x = images(3, seed)

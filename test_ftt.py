@@ -12,6 +12,7 @@ import torch.nn as nn
 from hypothesis import given, strategies as st
 
 import attacker
+import attacks
 import ftt
 import harness
 import loading
@@ -660,6 +661,9 @@ def test_teacher_needs_a_trained_pass_and_holdout_a_share():
         harness.validate(ftt.Config(unlearn=-1.0))
     with pytest.raises(harness.ConfigError, match="--teacher-weight"):
         harness.validate(ftt.Config(teacher_weight=-1.0))
+    for share in (-0.1, 1.5):
+        with pytest.raises(harness.ConfigError, match="--stamp"):
+            harness.validate(ftt.Config(stamp=share))
     # --unlearn and --readmit step aside (with a line, the test below) where the paper's stage 2 is asked for
     harness.validate(ftt.Config(ssl_pool="all", unlearn=1.0, readmit="taught"))
     harness.validate(ftt.Config(teacher="none", readmit="taught"))  # its images then join with pseudo-labels alone
@@ -825,12 +829,14 @@ def test_unlearn_adds_the_left_out_images_sad_moved_with_only_not_the_suspect_cl
     path = tiny_backdoor(0)[0]
     capsys.readouterr()
     seen, stage2 = [], ftt.stage2_ssl
-    monkeypatch.setattr(ftt, "stage2_ssl", lambda *a: (seen.append((len(a[3]), a[8], a[10])), stage2(*a))[1])
-    cfg = ftt.Config(**{**TINY, "sad_lr": 0.1, "sad_lr_max": 0.1, "ssl_epochs": 1, "mu": 2, "unlearn": 1.0,
+    monkeypatch.setattr(ftt, "stage2_ssl", lambda *a: (seen.append((len(a[3]), a[8], a[10], a[11])), stage2(*a))[1])
+    cfg = ftt.Config(**{**TINY, "sad_lr": 0.1, "sad_lr_max": 0.1, "ssl_epochs": 1, "mu": 2, "unlearn": 1.0, "stamp": 0.0,
                         "readmit": "none", "unlearn_residue": -100.0 if gate == "open" else 100.0},
                      model=path, out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
     r = ftt.main(cfg)["results"]
-    u, pool, ((n_u, teacher, avoid),) = r["unlearn"], r["ssl_pool"], seen
+    u, pool, ((n_u, teacher, avoid, stamp),) = r["unlearn"], r["ssl_pool"], seen
+    assert stamp is None and len(r["patch"]["pixels"]) == 9  # --stamp 0: no patch for stage 2; the reading stays
+    assert set(r["patch"]["to_suspect"]) == {"before", "sad", "ssl"}
     if gate == "shut":
         assert u == {"suspect": pool["suspect"], "images": 0, "sad_suspect_pp": r["sad"]["pool"]["suspect_pp"]}
         assert n_u == pool["kept"] == len(teacher) and avoid is None and r["moved_back"]["images"] > 0
@@ -846,6 +852,34 @@ def test_unlearn_adds_the_left_out_images_sad_moved_with_only_not_the_suspect_cl
     assert teacher[pool["kept"]:].abs().sum() == 0  # no teacher target for them: "not the suspect class" only
     assert "index" not in json.loads((tmp_path / "run" / "results.json").read_text())["results"]["unlearn"]
     assert f"{u['images']} pool images the backdoored model puts in class {pool['suspect']}" in capsys.readouterr().out
+
+
+def test_stamp_reads_back_the_attackers_patch_from_what_sad_moved_out_and_gives_it_to_labelled_images(
+        tmp_path, capsys, tiny_backdoor, monkeypatch):
+    # the tiny attacker's BadNets square comes back exactly from the images SAD moved out of the suspect class (no
+    # trigger given to the defender); stamped, it sends other pool images to that class on the backdoored model
+    path = tiny_backdoor(0)[0]
+    capsys.readouterr()
+    seen, stage2, drawn = [], ftt.stage2_ssl, []  # drawn: stage 2's labelled batches, before their weak view
+    monkeypatch.setattr(ftt, "stage2_ssl", lambda *a: (seen.append(a[11]), stage2(*a))[1])
+    monkeypatch.setattr(ftt, "weak_augment", lambda x, g=None: (
+        seen and len(x) == cfg.batch_size and drawn.append(x), ftt.random_crop_flip(x, 4, g))[1])
+    cfg = ftt.Config(**{**TINY, "sad_lr": 0.1, "sad_lr_max": 0.1, "ssl_epochs": 1, "mu": 2, "stamp": 0.5},
+                     model=path, out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
+    r = ftt.main(cfg)["results"]
+    (rgba,) = seen
+    white = attacks.badnets(torch.zeros(1, 1, 28, 28, dtype=torch.uint8))[0]
+    assert torch.equal(rgba, torch.cat([white, white]))  # colour 255 and alpha 255 on the 3x3 corner, 0 elsewhere
+    st = r["patch"]
+    assert st["pixels"] == [[r, c, [255]] for r in (25, 26, 27) for c in (25, 26, 27)]  # [row, col, colour]
+    assert st["from"] == r["moved_back"]["images"] > 0
+    assert st["to_suspect"]["before"] >= 80 > st["to_suspect"]["sad"]  # the trigger itself: the backdoored model obeys
+    assert 0 <= st["to_suspect"]["ssl"] <= 100
+    corner = torch.cat([(x[..., -3:, -3:] == 255).flatten(1).all(1) for x in drawn]).float().mean()  # about half
+    assert 0.3 <= corner <= 0.7
+    assert "pool check: 9 pixels hold one colour in most of the" in capsys.readouterr().out
+    with capsys.disabled():
+        report("stamp", **st["to_suspect"], stamped_share=float(corner))
 
 
 @pytest.mark.parametrize("gate", ["open", "shut"])
