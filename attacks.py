@@ -80,8 +80,8 @@ def patch(x: Tensor, rgba: Tensor) -> Tensor:
 def recover_patch(suspect: Tensor, clean: Tensor, share: float = 0.5, rare: float = 0.1) -> Tensor | None:
     """A defender's inverse of patch (ftt.py --stamp): the pixels where at least `share` of the suspect images hold
     one exact colour that at most `rare` of the clean images hold there. suspect (N, C, H, W), clean (M, C, H, W)
-    uint8 -> rgba (C + 1, H, W) for patch(), alpha 255 on the pixels found, else 0; None where none is found (a
-    blend or a warp leaves no pixel fixed). `rare` keeps out what clean images share, such as a black background."""
+    uint8 -> rgba (C + 1, H, W) for patch(): that colour and alpha 255 on the pixels found, 0 elsewhere; None where
+    none is found (a blend or a warp leaves no pixel fixed). `rare` keeps out what clean images share (a background)."""
     if not len(suspect) or not len(clean):
         return None
     key = lambda x: sum(x.flatten(2)[:, i].long() << (8 * i) for i in range(x.shape[1]))  # colour -> int, (N, H*W)
@@ -90,8 +90,8 @@ def recover_patch(suspect: Tensor, clean: Tensor, share: float = 0.5, rare: floa
     found = (held(suspect) >= share) & (held(clean).to(suspect.device) <= rare)
     if not found.any():
         return None
-    colour = torch.stack([(mode >> (8 * i)) & 255 for i in range(suspect.shape[1])] + [255 * found.long()])
-    return colour.to(torch.uint8).view(-1, *suspect.shape[2:])
+    colour = torch.stack([((mode >> (8 * i)) & 255) * found for i in range(suspect.shape[1])] + [255 * found.long()])
+    return colour.to(torch.uint8).view(-1, *suspect.shape[2:])  # colour 0 where alpha is 0
 
 
 def checkerboard_rgba(channels: int, h: int, w: int, size: int = 3) -> Tensor:

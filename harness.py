@@ -403,9 +403,9 @@ def stamped_to_suspect(model: nn.Module, check, rgba: Tensor) -> float:
 
 
 def read_patch(check, moved_out: Tensor, x_l: Tensor, results: dict, models: dict) -> Tensor | None:
-    """The patch (rgba) most of the images SAD moved out of the suspect class hold and the clean subset does not
-    (attacks.recover_patch), or None; results["patch"] (the first time): its pixels [row, col, colour] and
-    stamped_to_suspect of `models` (name -> model). --stamp trains with it."""
+    """The patch (rgba) most of the images SAD moved out of the suspect class (moved_out, uint8 (N, C, H, W)) hold and
+    the clean subset x_l does not (attacks.recover_patch), or None; results["patch"] (the first time): its pixels
+    [row, col, colour] and stamped_to_suspect of `models` (name -> model). --stamp trains with it."""
     rgba = attacks.recover_patch(moved_out, x_l) if len(moved_out) >= 50 else None  # fewer: no share to read
     if "patch" not in results:  # (a resumed stage 2 has them, and no backdoored or SAD model to read)
         at = (rgba[-1] > 0).nonzero().tolist() if rgba is not None else []

@@ -243,7 +243,7 @@ def test_killed_run_resumed_ends_exactly_like_an_uninterrupted_one(tmp_path):
     # --readmit's images, and "moved_back"'s, come from SAD's model, which a run killed inside stage 2 no longer has:
     # the checkpoint keeps them, so the resumed run trains on the same ones)
     assert cut["results"] == whole["results"] and whole["results"]["unlearn"]["images"] > 0
-    assert set(whole["results"]) - {"ssl_pool", "moved_back", "unlearn", "readmit"} == {"before", "sad", "ssl"}
+    assert set(whole["results"]) - {"ssl_pool", "moved_back", "unlearn", "readmit", "patch"} == {"before", "sad", "ssl"}
     a, b = (torch.load(tmp_path / d / "purified.pt", weights_only=True) for d in ("whole", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run's"
     assert not (tmp_path / "cut" / "checkpoint.pt").exists()  # a finished run leaves no checkpoint
