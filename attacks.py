@@ -85,9 +85,10 @@ def recover_patch(suspect: Tensor, clean: Tensor, share: float = 0.5, rare: floa
     if not len(suspect) or not len(clean):
         return None
     key = lambda x: sum(x.flatten(2)[:, i].long() << (8 * i) for i in range(x.shape[1]))  # colour -> int, (N, H*W)
-    mode = key(suspect).mode(0).values  # (H*W,)
-    held = lambda x: (key(x) == mode.to(x.device)).float().mean(0)
-    found = (held(suspect) >= share) & (held(clean).to(suspect.device) <= rare)
+    ks = key(suspect)
+    mode = ks.mode(0).values  # (H*W,)
+    held = lambda k: (k == mode.to(k.device)).float().mean(0)
+    found = (held(ks) >= share) & (held(key(clean)).to(suspect.device) <= rare)
     if not found.any():
         return None
     colour = torch.stack([((mode >> (8 * i)) & 255) * found for i in range(suspect.shape[1])] + [255 * found.long()])

@@ -871,10 +871,10 @@ def test_stamp_reads_back_the_attackers_patch_from_what_sad_moved_out_and_gives_
     white = attacks.badnets(torch.zeros(1, 1, 28, 28, dtype=torch.uint8))[0]
     assert torch.equal(rgba, torch.cat([white, white]))  # colour 255 and alpha 255 on the 3x3 corner, 0 elsewhere
     st = r["patch"]
-    assert st["pixels"] == [[r, c, [255]] for r in (25, 26, 27) for c in (25, 26, 27)]  # [row, col, colour]
+    assert st["pixels"] == [[i, j, [255]] for i in (25, 26, 27) for j in (25, 26, 27)]  # [row, col, colour]
     assert st["from"] == r["moved_back"]["images"] > 0
     assert st["to_suspect"]["before"] >= 80 > st["to_suspect"]["sad"]  # the trigger itself: the backdoored model obeys
-    assert 0 <= st["to_suspect"]["ssl"] <= 100
+    assert st["to_suspect"]["ssl"] <= 20  # the suite's ASR bar, read with the patch: stage 2 did not bring it back
     corner = torch.cat([(x[..., -3:, -3:] == 255).flatten(1).all(1) for x in drawn]).float().mean()  # about half
     assert 0.3 <= corner <= 0.7
     assert "pool check: 9 pixels hold one colour in most of the" in capsys.readouterr().out
