@@ -81,7 +81,7 @@ class Config(RunConfig):
     stamp: float = flag(0.2, "beyond the paper: share of stage 2's labelled images given results.json's patch (0.2: docs)")
     readmit: str = flag("none", "beyond the paper: SAD's sure suspect-class pool images rejoin", choices=READMIT)
     readmit_residue: float = flag(0.0, "--readmit steps aside where SAD leaves the suspect class more pool excess (points)")
-    prior_shift: bool = flag(False, "beyond the paper: after stage 2, the suspect class's bias up to its clean share")
+    prior_shift: bool = flag(False, "beyond the paper: the suspect class's bias up to its clean share (a patch stamped only)")
     holdout: float = flag(0.0, "share of the clean subset kept out of both stages: ACC on defender data")
     holdout_unseen: int = flag(0, "N clean images past --train-size (no model trained on them) kept out of both stages")
     momentum: float = flag(0.9, "SGD momentum, all training")
@@ -816,14 +816,17 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
     if len(x_u) and cfg.ssl_epochs:
         purified = stage2_ssl(net, x_l, y_l, x_u, cfg, device, log, state, teacher, s, avoid,
                               rgba if cfg.stamp > 0 else None)  # s: --suspect-draws'
-        if rgba is not None:
-            results["patch"]["to_suspect"]["ssl"] = stamped_to_suspect(purified, check, rgba)
-        results["ssl"] = measured(log.measure("ssl", purified))
-        if cfg.prior_shift:  # beyond the paper; results["ssl"]: the model returned, after the shift
-            unshifted = {**results["ssl"], **check.held_out_acc(purified)}
+        read = (lambda: stamped_to_suspect(purified, check, rgba)) if rgba is not None else lambda: None
+        results["ssl"], reading = measured(log.measure("ssl", purified)), read()
+        if cfg.prior_shift and (rgba is None or not cfg.stamp):  # a raised bias could hand the class to the trigger
+            print("ftt: --prior-shift: no patch trigger read back and stamped (--stamp): nothing shifted", flush=True)
+        elif cfg.prior_shift:  # beyond the paper; results["ssl"] and the reading: the model returned, after the shift
+            unshifted = {**results["ssl"], **check.held_out_acc(purified), "to_suspect": reading}
             shifted = results["prior_shift"] = prior_shift(purified, check, cfg.channels_last)
             if shifted["shift"]:
-                shifted["unshifted"], results["ssl"] = unshifted, measured(log.evaluate(purified))
+                shifted["unshifted"], results["ssl"], reading = unshifted, measured(log.evaluate(purified)), read()
+        if rgba is not None:
+            results["patch"]["to_suspect"]["ssl"] = reading
         check.after("ssl", purified, results["ssl"])
         diagnose(purified, results["ssl"])
         results.get("readmit", {}).pop("index", None)
