@@ -95,6 +95,13 @@ def recover_patch(suspect: Tensor, clean: Tensor, share: float = 0.5, rare: floa
     return colour.to(torch.uint8).view(-1, *suspect.shape[2:])  # colour 0 where alpha is 0
 
 
+def carries_patch(x: Tensor, rgba: Tensor) -> Tensor:
+    """(N,) bool: the images (N, C, H, W) uint8 that hold rgba's colour (recover_patch's) at one or more of its opaque
+    pixels. Any, not all: a trigger added and clipped (Trojan) fixes only some pixels of some images."""
+    at = (rgba[-1] > 0).to(x.device)
+    return (x == rgba[:-1].to(x.device)).all(1)[:, at].any(1)
+
+
 def checkerboard_rgba(channels: int, h: int, w: int, size: int = 3) -> Tensor:
     """Ours, not a published trigger: a size x size black-and-white checkerboard in the bottom-right corner,
     white where the row and column within it have an even sum, as an rgba (channels + 1, H, W) for `patch`.

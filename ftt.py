@@ -33,12 +33,12 @@ from augment import cutout, rand_augment, random_crop_flip
 from harness import (ARCHS, SSL_POOLS, SCHEDULES, FiniteWatch, RunConfig, RunLog, RunState, autocast, bias_for_share,
                      bn_momentum, bn_reestimated, cosine, descend, ema_update, flag, frozen_bn_stats, held_out_rates,
                      hit_rate, join_pool, logits_of, lr_ladder, measured, moved, parse_config, predictions, read_patch,
-                     run_cli, sgd, stamped_to_suspect, to_input, versions)
+                     run_cli, sgd, stamped_to_suspect, to_input, unpatched_set, versions)
 from loading import finish, prepare, torchvision_backbone
 
 Tensor = torch.Tensor
 SSL_STEPS, SSL_EXITS = ("split", "one", "two"), ("all", "deep")  # --ssl-forward's and --ssl-exits' choices
-TEACHERS, READMIT = ("none", "hard", "soft"), ("none", "pseudo", "taught")  # --teacher's and --readmit's
+TEACHERS, READMIT = ("none", "hard", "soft"), ("none", "pseudo", "taught", "unpatched")  # --teacher's and --readmit's
 
 
 # ================================================================================================
@@ -79,9 +79,9 @@ class Config(RunConfig):
     unlearn: float = flag(3.0, "beyond the paper: weight of -log(1 - p_suspect) on what SAD moved out of that class")
     unlearn_residue: float = flag(0.0, "--unlearn acts only where SAD leaves the suspect class a pool excess above this")
     stamp: float = flag(0.2, "beyond the paper: share of stage 2's labelled images given results.json's patch (0.2: docs)")
-    readmit: str = flag("none", "beyond the paper: SAD's sure suspect-class pool images rejoin", choices=READMIT)
-    readmit_residue: float = flag(0.0, "--readmit steps aside where SAD leaves the suspect class more pool excess (points)")
-    prior_shift: bool = flag(False, "beyond the paper: the suspect class's bias up to its clean share (a patch stamped only)")
+    readmit: str = flag("none", "beyond the paper: suspect class pool images back (SAD's sure, unpatched)", choices=READMIT)
+    readmit_residue: float = flag(0.0, "--readmit (not unpatched) steps aside where SAD leaves the class more excess")
+    prior_shift: bool = flag(False, "beyond the paper: where a patch was stamped, the suspect class's bias up to its share")
     holdout: float = flag(0.0, "share of the clean subset kept out of both stages: ACC on defender data")
     holdout_unseen: int = flag(0, "N clean images past --train-size (no model trained on them) kept out of both stages")
     momentum: float = flag(0.9, "SGD momentum, all training")
@@ -772,7 +772,7 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
     teacher = teacher_targets(model, x_u, check, cfg.teacher == "soft", device, cfg.channels_last) \
         if cfg.teacher != "none" and cfg.ssl_epochs and len(x_u) else None
     taught = teacher_targets(model, x_dropped, check, cfg.teacher == "soft", device, cfg.channels_last, everywhere=True) \
-        if cfg.readmit == "taught" and teacher is not None and results.get("ssl_pool") else None  # before SAD changes it
+        if cfg.readmit in ("taught", "unpatched") and teacher is not None and results.get("ssl_pool") else None  # before SAD
     backdoored = copy.deepcopy(model) if check.visible and "patch" not in results else None  # read_patch's "before"
     t = time.time()
     net = sad_on_the_ladder(model, x_l, y_l, cfg, check, k, device, log, state, results)
@@ -802,16 +802,18 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
               f"elsewhere join stage 2 with 'not class {s}' as their only target ({u['held']} kept out)", flush=True)
         x_u, teacher, avoid = join_pool(x_u, teacher, avoid, x_t, avoid_new=s)
     rejoin = cfg.readmit != "none" and s is not None and len(x_u) and cfg.ssl_epochs  # beyond the paper
-    if rejoin and pp > cfg.readmit_residue:  # SAD left an excess in class s
+    unpatched = cfg.readmit == "unpatched"  # the patch read back replaces the residue gate: it keeps them out
+    if rejoin and (rgba is None if unpatched else pp > cfg.readmit_residue):  # SAD left an excess in class s
         results["readmit"] = {"images": 0, "sad_suspect_pp": pp}
-        print(f"ftt: --readmit: SAD left class {s} a pool excess above {cfg.readmit_residue} points: none join", flush=True)
+        why = "no patch trigger read back" if unpatched else f"SAD left class {s} a pool excess above {cfg.readmit_residue}"
+        print(f"ftt: --readmit: {why}: none join", flush=True)
     elif rejoin:
         r = results.setdefault("readmit", {})  # "index" stays while stage 2 runs, as --unlearn's does
-        i = r["index"] = r["index"] if "index" in r else \
-            unlearn_set(net.backbone, x_dropped, s, device, cfg.channels_last, cfg.threshold, stay=True).cpu()
+        i = r["index"] = r["index"] if "index" in r else unpatched_set(x_dropped, rgba, back["index"]) if unpatched \
+            else unlearn_set(net.backbone, x_dropped, s, device, cfg.channels_last, cfg.threshold, stay=True).cpu()
         r["images"] = len(i)
-        print(f"ftt: --readmit: {len(i)} pool images that the backdoored model and SAD's (p >= {cfg.threshold}) both "
-              f"put in class {s} rejoin stage 2", flush=True)
+        print(f"ftt: --readmit: {len(i)} pool images that the backdoored model puts in class {s} rejoin stage 2 (" +
+              ("none holds the patch, none moved by SAD)" if unpatched else f"SAD's too, p >= {cfg.threshold})"), flush=True)
         x_u, teacher, avoid = join_pool(x_u, teacher, avoid, x_dropped[i], None if taught is None else taught[i])
     if len(x_u) and cfg.ssl_epochs:
         purified = stage2_ssl(net, x_l, y_l, x_u, cfg, device, log, state, teacher, s, avoid,

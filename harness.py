@@ -419,6 +419,14 @@ def read_patch(check, moved_out: Tensor, x_l: Tensor, results: dict, models: dic
     return rgba
 
 
+def unpatched_set(x_dropped: Tensor, rgba: Tensor, moved: Tensor) -> Tensor:
+    """--readmit unpatched: the indices of the images drop-suspect left out that hold the patch read back at none of
+    its pixels (attacks.carries_patch) and are not in `moved` (ftt.py --unlearn's: SAD moved them out): the class's own."""
+    keep = ~attacks.carries_patch(x_dropped, rgba).cpu()
+    keep[moved] = False
+    return torch.nonzero(keep).flatten()
+
+
 def bias_for_share(z: Tensor, c: int, share: float) -> float:
     """The least raise d of class c's logit (bisection, 30 steps, then just past the boundary: a layer's own arithmetic
     may round a tie the other way) for which c is the argmax of at least `share` of the rows of z (N, K); 0 if it

@@ -882,6 +882,52 @@ def test_stamp_reads_back_the_attackers_patch_from_what_sad_moved_out_and_gives_
         report("stamp", **st["to_suspect"], stamped_share=float(corner))
 
 
+@pytest.mark.parametrize("stamp", [0.5, 0.0])
+def test_prior_shift_acts_only_where_a_patch_was_read_back_and_stamped_and_is_read_after_the_shift(
+        stamp, tmp_path, capsys, tiny_backdoor):
+    # stamped: the suspect class gets at least its clean share of the pool probe back, and the patch reading after
+    # SSL is the shifted model's (a raised bias only sends more images there); not stamped: nothing shifted, a line
+    path = tiny_backdoor(0)[0]
+    capsys.readouterr()
+    cfg = ftt.Config(**{**TINY, "sad_lr": 0.1, "sad_lr_max": 0.1, "ssl_epochs": 1, "mu": 2, "stamp": stamp,
+                        "prior_shift": True}, model=path, out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
+    r = ftt.main(cfg)["results"]
+    assert r["patch"]["pixels"]  # the tiny attacker's square is read back either way
+    if not stamp:
+        assert "prior_shift" not in r and "--prior-shift: no patch trigger read back and stamped" in capsys.readouterr().out
+        return
+    shifted, s = r["prior_shift"], r["ssl_pool"]["suspect"]
+    assert shifted["class"] == s and r["ssl"]["pool"]["suspect_pp"] >= -0.01  # its clean share, or more
+    if shifted["shift"]:
+        assert r["patch"]["to_suspect"]["ssl"] >= shifted["unshifted"]["to_suspect"]
+
+
+@pytest.mark.parametrize("read", ["patch", "none"])
+def test_readmit_unpatched_gives_back_the_left_out_images_that_hold_no_patch_pixel_and_sad_did_not_move(
+        read, tmp_path, capsys, tiny_backdoor, monkeypatch):
+    # the suspect class's own pool images, told apart from the triggered ones by the patch read back, rejoin stage 2
+    # with the backdoored model's targets; with no patch read back none rejoin, with a line
+    path = tiny_backdoor(0)[0]
+    capsys.readouterr()
+    seen, stage2, reader = [], ftt.stage2_ssl, ftt.read_patch
+    monkeypatch.setattr(ftt, "stage2_ssl", lambda *a: (seen.append((a[3], a[8])), stage2(*a))[1])
+    monkeypatch.setattr(ftt, "read_patch", lambda *a: reader(*a) if read == "patch" else None)
+    cfg = ftt.Config(**{**TINY, "sad_lr": 0.1, "sad_lr_max": 0.1, "ssl_epochs": 1, "mu": 2, "readmit": "unpatched"},
+                     model=path, out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
+    r = ftt.main(cfg)["results"]
+    back, pool, ((x_u, teacher),) = r["readmit"], r["ssl_pool"], seen
+    if read == "none":
+        assert back["images"] == 0 and len(x_u) == pool["kept"] + r["unlearn"]["images"]
+        assert "--readmit: no patch trigger read back: none join" in capsys.readouterr().out
+        return
+    joined = x_u[len(x_u) - back["images"]:]  # after the kept pool and --unlearn's images
+    corner = (joined[..., -3:, -3:] == 255).flatten(1).any(1)  # the tiny attacker's square, any of its pixels
+    assert back["images"] > 0 and not corner.any()
+    assert back["images"] + r["moved_back"]["images"] + r["unlearn"]["images"] <= pool["dropped"]
+    rows = teacher[len(x_u) - back["images"]:]  # the backdoored model's own predictions, all in the suspect class
+    assert torch.allclose(rows.sum(1), torch.ones(len(rows))) and torch.all(rows.argmax(1) == pool["suspect"])
+
+
 @pytest.mark.parametrize("gate", ["open", "shut"])
 def test_readmit_adds_the_left_out_images_sad_keeps_in_the_suspect_class_unless_sad_left_an_excess(
         gate, tmp_path, capsys, tiny_backdoor, monkeypatch):
