@@ -79,6 +79,7 @@ class Config(RunConfig):
     unlearn: float = flag(3.0, "beyond the paper: weight of -log(1 - p_suspect) on what SAD moved out of that class")
     unlearn_residue: float = flag(0.0, "--unlearn acts only where SAD leaves the suspect class a pool excess above this")
     stamp: float = flag(0.2, "beyond the paper: share of stage 2's labelled images given results.json's patch (0.2: docs)")
+    stamp_pool: float = flag(0.0, "beyond the paper: share of stage 2's strong views of the pool given that patch too")
     readmit: str = flag("none", "beyond the paper: suspect class pool images back (SAD's sure, unpatched)", choices=READMIT)
     readmit_residue: float = flag(0.0, "--readmit (not unpatched) steps aside where SAD leaves the class more excess")
     prior_shift: bool = flag(False, "beyond the paper: where a patch was stamped, the suspect class's bias up to its share")
@@ -528,12 +529,14 @@ def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config
             u, xb = x_u[idx_u], x_l[idx_l]
             if stamp is not None:  # --stamp: a share of the labelled batch gets the patch, labels kept; own draws, so
                 g = torch.Generator().manual_seed(cfg.seed + (epoch - 1) * steps + step)  # the rest is as without it
-                coin = (torch.rand(len(xb), generator=g) < cfg.stamp).to(xb.device).view(-1, 1, 1, 1)
-                xb = torch.where(coin, patch(xb, stamp), xb)
+                coin = lambda n, r: (torch.rand(n, generator=g) < r).to(xb.device).view(-1, 1, 1, 1)
+                xb = torch.where(coin(len(xb), cfg.stamp), patch(xb, stamp), xb)
+            wx, wu, su = weak_augment(xb), weak_augment(u), strong_augment(u)
+            if stamp is not None:  # --stamp-pool: a share of the pool's strong views too, pasted after their augmentation
+                su = torch.where(coin(len(u), cfg.stamp_pool), patch(su, stamp), su)
             per_image = [t[idx_u] if t is not None else None for t in (teacher, avoid)]
             with bn_momentum(net, cfg.ssl_bn_momentum) if cfg.ssl_bn_momentum > 0 else nullcontext():
-                loss, parts = ssl_forward(net, weak_augment(xb), y_l[idx_l], weak_augment(u), strong_augment(u),
-                                          weights, cfg, device, *per_image)
+                loss, parts = ssl_forward(net, wx, y_l[idx_l], wu, su, weights, cfg, device, *per_image)
             watch.see(loss, step)
             descend(opt, sched, loss)
             if ema is not None:
@@ -767,8 +770,7 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
         return model, results
     if cfg.ssl_pool == "drop-suspect" and cfg.ssl_epochs and len(x_u):
         x_u, info, x_dropped = drop_suspect(model, x_u, check, device, cfg.channels_last)  # before SAD changes it
-        if info:
-            results["ssl_pool"] = info
+        results.update({"ssl_pool": info} if info else {})
     teacher = teacher_targets(model, x_u, check, cfg.teacher == "soft", device, cfg.channels_last) \
         if cfg.teacher != "none" and cfg.ssl_epochs and len(x_u) else None
     taught = teacher_targets(model, x_dropped, check, cfg.teacher == "soft", device, cfg.channels_last, everywhere=True) \
@@ -817,7 +819,7 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
         x_u, teacher, avoid = join_pool(x_u, teacher, avoid, x_dropped[i], None if taught is None else taught[i])
     if len(x_u) and cfg.ssl_epochs:
         purified = stage2_ssl(net, x_l, y_l, x_u, cfg, device, log, state, teacher, s, avoid,
-                              rgba if cfg.stamp > 0 else None)  # s: --suspect-draws'
+                              rgba if cfg.stamp > 0 or cfg.stamp_pool > 0 else None)  # s: --suspect-draws'
         read = (lambda: stamped_to_suspect(purified, check, rgba)) if rgba is not None else lambda: None
         results["ssl"], reading = measured(log.measure("ssl", purified)), read()
         if cfg.prior_shift and (rgba is None or not cfg.stamp):  # a raised bias could hand the class to the trigger

@@ -180,6 +180,20 @@ def test_recover_patch_finds_nothing_in_a_blend_clean_images_or_what_clean_image
     assert torch.equal(found[-1] == 255, attacks.badnets(torch.zeros(1, 1, H, W, dtype=torch.uint8))[0, 0] == 255)
 
 
+@given(seeds, st.integers(1, 3))
+def test_carries_patch_is_true_where_any_opaque_pixel_holds_the_patch_colour_in_every_channel(seed, c):
+    # a reference written differently: a loop over the opaque pixels
+    g = torch.Generator().manual_seed(seed)
+    rgba = torch.zeros(c + 1, H, W, dtype=torch.uint8)
+    rgba[:-1, :2, :2] = torch.randint(0, 4, (c, 2, 2), generator=g, dtype=torch.uint8)
+    rgba[-1, :2, :2] = 255
+    x = torch.randint(0, 4, (40, c, H, W), generator=g, dtype=torch.uint8)  # 4 levels: matches by chance are common
+    want = torch.tensor([any(bool((x[n, :, i, j] == rgba[:-1, i, j]).all()) for i in range(2) for j in range(2))
+                         for n in range(len(x))])
+    assert torch.equal(attacks.carries_patch(x, rgba), want)
+    assert attacks.carries_patch(attacks.patch(x, rgba), rgba).all()  # pasted: every image carries it
+
+
 @given(seeds, st.floats(0, 1))
 def test_blended_is_convex_mix_to_rounding(seed, alpha):
     x = images(3, seed)

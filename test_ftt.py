@@ -662,8 +662,10 @@ def test_teacher_needs_a_trained_pass_and_holdout_a_share():
     with pytest.raises(harness.ConfigError, match="--teacher-weight"):
         harness.validate(ftt.Config(teacher_weight=-1.0))
     for share in (-0.1, 1.5):
-        with pytest.raises(harness.ConfigError, match="--stamp"):
+        with pytest.raises(harness.ConfigError, match="--stamp: "):
             harness.validate(ftt.Config(stamp=share))
+        with pytest.raises(harness.ConfigError, match="--stamp-pool: .*strong views"):
+            harness.validate(ftt.Config(stamp_pool=share))
     # --unlearn and --readmit step aside (with a line, the test below) where the paper's stage 2 is asked for
     harness.validate(ftt.Config(ssl_pool="all", unlearn=1.0, readmit="taught"))
     harness.validate(ftt.Config(teacher="none", readmit="taught"))  # its images then join with pseudo-labels alone
@@ -864,7 +866,10 @@ def test_stamp_reads_back_the_attackers_patch_from_what_sad_moved_out_and_gives_
     monkeypatch.setattr(ftt, "stage2_ssl", lambda *a: (seen.append(a[11]), stage2(*a))[1])
     monkeypatch.setattr(ftt, "weak_augment", lambda x, g=None: (
         seen and len(x) == cfg.batch_size and drawn.append(x), ftt.random_crop_flip(x, 4, g))[1])
-    cfg = ftt.Config(**{**TINY, "sad_lr": 0.1, "sad_lr_max": 0.1, "ssl_epochs": 1, "mu": 2, "stamp": 0.5},
+    strong, forward = [], ftt.ssl_forward  # the strong views stage 2 trains on
+    monkeypatch.setattr(ftt, "ssl_forward", lambda *a: (strong.append(a[4]), forward(*a))[1])
+    cfg = ftt.Config(**{**TINY, "sad_lr": 0.1, "sad_lr_max": 0.1, "ssl_epochs": 1, "mu": 2, "stamp": 0.5,
+                        "stamp_pool": 0.5},
                      model=path, out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
     r = ftt.main(cfg)["results"]
     (rgba,) = seen
@@ -877,6 +882,8 @@ def test_stamp_reads_back_the_attackers_patch_from_what_sad_moved_out_and_gives_
     assert st["to_suspect"]["ssl"] <= 20  # the suite's ASR bar, read with the patch: stage 2 did not bring it back
     corner = torch.cat([(x[..., -3:, -3:] == 255).flatten(1).all(1) for x in drawn]).float().mean()  # about half
     assert 0.3 <= corner <= 0.7
+    pasted = torch.cat([(x[..., -3:, -3:] == 255).flatten(1).all(1) for x in strong]).float().mean()  # --stamp-pool:
+    assert 0.4 <= pasted <= 0.6  # half the strong views, after their augmentation, so the square is where it was
     assert "pool check: 9 pixels hold one colour in most of the" in capsys.readouterr().out
     with capsys.disabled():
         report("stamp", **st["to_suspect"], stamped_share=float(corner))
