@@ -805,7 +805,7 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
         x_u, teacher, avoid = join_pool(x_u, teacher, avoid, x_t, avoid_new=s)
     rejoin = cfg.readmit != "none" and s is not None and len(x_u) and cfg.ssl_epochs  # beyond the paper
     unpatched = cfg.readmit == "unpatched"  # the patch read back replaces the residue gate: it keeps them out
-    if rejoin and (rgba is None if unpatched else pp > cfg.readmit_residue):  # SAD left an excess in class s
+    if rejoin and (rgba is None if unpatched else pp > cfg.readmit_residue):  # no patch, or SAD left class s an excess
         results["readmit"] = {"images": 0, "sad_suspect_pp": pp}
         why = "no patch trigger read back" if unpatched else f"SAD left class {s} a pool excess above {cfg.readmit_residue}"
         print(f"ftt: --readmit: {why}: none join", flush=True)
