@@ -188,10 +188,10 @@ def validate(cfg) -> None:
     if getattr(cfg, "teacher", "none") != "none" and cfg.ssl_forward == "split":
         raise ConfigError(f"--teacher {cfg.teacher}: needs --ssl-forward one or two (a pass its loss can train); "
                           f"with --ssl-forward split give --teacher none")
-    for name in ("stamp", "stamp_pool"):
+    for name, of in (("stamp", "labelled images"), ("stamp_pool", "strong views of the pool")):
         if not 0 <= getattr(cfg, name, 0) <= 1:
             raise ConfigError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} must lie in [0, 1] (a share of stage 2's "
-                              f"{'labelled images' if name == 'stamp' else 'strong views of the pool'}; 0: off)")
+                              f"{of}; 0: off)")
     if not 0 <= getattr(cfg, "sad_early_check", 0) < 1:
         raise ConfigError(f"--sad-early-check: {cfg.sad_early_check} must lie in [0, 1) (0: the check at the end only)")
     if not 0 <= getattr(cfg, "holdout", 0) < 1:
