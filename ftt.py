@@ -632,20 +632,19 @@ class PoolCheck:
         return False
 
 
-def drop_suspect(model: nn.Module, x_pool: Tensor, check: PoolCheck, device: torch.device,
-                 channels_last: bool = True) -> tuple[Tensor, dict | None, Tensor]:
-    """--ssl-pool drop-suspect: stage 2's pool without the images the backdoored model puts in the suspect class
-    (on Blended, SSL on its triggered images taught the trigger a new target); all of it, with a line, when the pool
-    shows no suspect class or all is in it. -> (the pool kept, {"dropped", "kept", "suspect"} or None, the rest)."""
-    keep = predictions(model, x_pool, device, channels_last) != check.suspect if check.visible else None
+def drop_suspect(pred: Tensor, check: PoolCheck) -> tuple[Tensor, dict | None]:
+    """--ssl-pool drop-suspect: the pool images stage 2 keeps, those the backdoored model (pred (N,): its classes) puts
+    outside the suspect class (SSL on Blended's triggered images taught the trigger a new target); all, with a line,
+    when the pool shows no suspect class or all is in it. -> (keep (N,) bool, {"dropped", "kept", "suspect"} or None)."""
+    keep = pred != check.suspect if check.visible else None
     if keep is not None and keep.any():
         info = {"dropped": int((~keep).sum()), "kept": int(keep.sum()), "suspect": check.suspect}
         print(f"ftt: --ssl-pool drop-suspect: stage 2 leaves out the {info['dropped']} pool images the backdoored "
               f"model puts in class {check.suspect}; {info['kept']} remain", flush=True)
-        return x_pool[keep], info, x_pool[~keep]
+        return keep, info
     why = "the pool shows no suspect class" if keep is None else f"the model puts every pool image in class {check.suspect}"
     print(f"ftt: --ssl-pool drop-suspect: {why}, so stage 2 uses all of it", flush=True)
-    return x_pool, None, x_pool[:0]
+    return torch.ones_like(pred, dtype=torch.bool), None
 
 
 def unlearn_set(sad: nn.Module, x_dropped: Tensor, suspect: int, device: torch.device, channels_last: bool = True,
@@ -659,16 +658,14 @@ def unlearn_set(sad: nn.Module, x_dropped: Tensor, suspect: int, device: torch.d
     return torch.nonzero(((cls == suspect) == stay) & (conf >= confidence)).flatten()
 
 
-def teacher_targets(model: nn.Module, x_pool: Tensor, check: PoolCheck, soft: bool, device: torch.device,
-                    channels_last: bool = True, everywhere: bool = False) -> Tensor | None:
-    """--teacher: the backdoored model's prediction of each pool image (soft: probabilities, hard: class), left out (a
-    zero row, -1) in the suspect class unless everywhere (--readmit taught). None, with a line, when there is none:
-    the trigger may have made any of them."""
+def teacher_targets(probs: Tensor, check: PoolCheck, soft: bool, everywhere: bool = False) -> Tensor | None:
+    """--teacher: from the backdoored model's probabilities of pool images (N, K), its prediction of each (soft: the
+    probabilities, hard: the class), left out (a zero row, -1) in the suspect class unless everywhere (--readmit
+    taught). None, with a line, when there is none: the trigger may have made any of them."""
     if not check.visible:
         print("ftt: --teacher: the pool check sees no suspect class, so the backdoored model's predictions may carry "
               "its trigger: stage 2 runs without them", flush=True)
         return None
-    probs = logits_of(model, x_pool, device, channels_last).softmax(1)
     keep = (probs.argmax(1) != check.suspect) | everywhere
     return probs * keep[:, None] if soft else torch.where(keep, probs.argmax(1), -1)
 
@@ -768,13 +765,16 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
     diagnose(model, before)
     if not cfg.sad_epochs and not cfg.ssl_epochs:  # an attacker's run, a floor: no stage, the model as it is
         return model, results
-    if cfg.ssl_pool == "drop-suspect" and cfg.ssl_epochs and len(x_u):
-        x_u, info, x_dropped = drop_suspect(model, x_u, check, device, cfg.channels_last)  # before SAD changes it
+    probs = logits_of(model, x_u, device, cfg.channels_last).softmax(1) if cfg.ssl_epochs and len(x_u) and \
+        (cfg.ssl_pool == "drop-suspect" or cfg.teacher != "none") else None  # the backdoored model's, read once
+    keep = torch.ones(len(x_u), dtype=torch.bool, device=x_u.device)
+    if cfg.ssl_pool == "drop-suspect" and probs is not None:
+        keep, info = drop_suspect(probs.argmax(1), check)
         results.update({"ssl_pool": info} if info else {})
-    teacher = teacher_targets(model, x_u, check, cfg.teacher == "soft", device, cfg.channels_last) \
-        if cfg.teacher != "none" and cfg.ssl_epochs and len(x_u) else None
-    taught = teacher_targets(model, x_dropped, check, cfg.teacher == "soft", device, cfg.channels_last, everywhere=True) \
-        if cfg.readmit in ("taught", "unpatched") and teacher is not None and results.get("ssl_pool") else None  # before SAD
+    soft, x_u, x_dropped = cfg.teacher == "soft", x_u[keep], x_u[~keep]
+    teacher = teacher_targets(probs[keep], check, soft) if cfg.teacher != "none" and probs is not None else None
+    taught = teacher_targets(probs[~keep], check, soft, everywhere=True) \
+        if cfg.readmit in ("taught", "unpatched") and teacher is not None and results.get("ssl_pool") else None
     backdoored = copy.deepcopy(model) if check.visible and "patch" not in results else None  # read_patch's "before"
     t = time.time()
     net = sad_on_the_ladder(model, x_l, y_l, cfg, check, k, device, log, state, results)

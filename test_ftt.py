@@ -564,19 +564,33 @@ class Fixed(nn.Module):
 
 
 def test_teacher_targets_leave_out_the_suspect_class_and_refuse_without_one(capsys):
-    k = 4
-    x = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 1, 2, 2).contiguous()
-    cls = torch.arange(40) % k
+    probs = torch.randn(40, 4, generator=torch.Generator().manual_seed(0)).softmax(1)
+    cls = probs.argmax(1)
 
     class Check:
         visible, suspect = True, 2
-    hard = ftt.teacher_targets(Fixed(k), x, Check(), False, torch.device("cpu"), False)
+    hard = ftt.teacher_targets(probs, Check(), False)
     assert torch.equal(hard, torch.where(cls == 2, -1, cls))
-    soft = ftt.teacher_targets(Fixed(k), x, Check(), True, torch.device("cpu"), False)
-    assert torch.allclose(soft.sum(1), (cls != 2).float()) and torch.equal(soft.argmax(1)[cls != 2], cls[cls != 2])
+    soft = ftt.teacher_targets(probs, Check(), True)
+    assert torch.equal(soft[cls != 2], probs[cls != 2]) and not soft[cls == 2].any()
+    assert torch.equal(ftt.teacher_targets(probs, Check(), True, everywhere=True), probs)  # --readmit taught's
     Check.visible = False
-    assert ftt.teacher_targets(Fixed(k), x, Check(), False, torch.device("cpu"), False) is None
+    assert ftt.teacher_targets(probs, Check(), False) is None
     assert "sees no suspect class" in capsys.readouterr().out
+
+
+def test_drop_suspect_keeps_the_images_outside_the_suspect_class_or_all_with_a_line(capsys):
+    pred = torch.tensor([0, 2, 1, 2, 3, 2])
+
+    class Check:
+        visible, suspect = True, 2
+    keep, info = ftt.drop_suspect(pred, Check())
+    assert torch.equal(keep, pred != 2) and info == {"dropped": 3, "kept": 3, "suspect": 2}
+    keep, info = ftt.drop_suspect(torch.full((5,), 2), Check())  # all in the suspect class: nothing would be left
+    assert keep.all() and info is None and "puts every pool image in class 2" in capsys.readouterr().out
+    Check.visible = False
+    keep, info = ftt.drop_suspect(pred, Check())
+    assert keep.all() and info is None and "shows no suspect class" in capsys.readouterr().out
 
 
 class LinearHead(nn.Module):
