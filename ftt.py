@@ -4,7 +4,7 @@ Stage 1, SAD: early exits after every stage but the last; train on a small clean
 exit-weighted cross-entropy (eq. 1) plus the attention presentation loss to the deepest feature (eq. 2-5).
 Stage 2, SSL: the poisoned pool, labels thrown away, joins through per-exit FixMatch pseudo-labels (eq. 6, 7).
 Measured (docs/results.md, 2 CPU cores), at the defaults on five backdoored WRN-16-1 models other groups released:
-ASR 99.69 -> 2.65, ACC 84.87 -> 84.48 (means; `./reproduce.sh third-party-table`). The paper's +9 from SSL did not appear.
+ASR 99.69 -> 2.25, ACC 84.87 -> 84.98 (means; `./reproduce.sh third-party-table`). The paper's +9 from SSL did not appear.
 
   eq. (1)  exit_weights, exit_cross_entropy     eq. (5)  ap_loss, reduce_ap (the batch reduction is ours)
   eq. (2)  attention_sum                        eq. (6)  pseudo_labels
@@ -37,7 +37,7 @@ from harness import (ARCHS, SSL_POOLS, SCHEDULES, FiniteWatch, RunConfig, RunLog
 from loading import finish, prepare, torchvision_backbone
 
 Tensor = torch.Tensor
-SSL_STEPS, SSL_EXITS = ("split", "one", "two"), ("all", "deep")  # --ssl-forward's and --ssl-exits' choices
+SSL_STEPS, SSL_EXITS, SSL_EPOCHS = ("split", "one", "two"), ("all", "deep"), ("joined", "kept")  # their flags' choices
 TEACHERS, READMIT = ("none", "hard", "soft"), ("none", "pseudo", "taught", "unpatched")  # --teacher's and --readmit's
 
 
@@ -64,6 +64,7 @@ class Config(RunConfig):
     # stage 2: SSL (FixMatch: lr 0.03, Nesterov, t 0.95, mu 7, EMA 0.999)
     ssl_epochs: int = flag(5, "stage 2 epochs, each one pass over the unlabelled pool")
     ssl_pool: str = flag("drop-suspect", "stage 2's pool: all (the paper) or all but the suspect class's", choices=SSL_POOLS)
+    ssl_epoch: str = flag("joined", "an SSL epoch: the pool with what joined, or its size before (kept)", choices=SSL_EPOCHS)
     ssl_lr: float = flag(0.03, "stage 2 SGD lr (cosine to 0)")
     mu: int = flag(7, "unlabelled batch = mu x batch_size")
     threshold: float = flag(0.95, "pseudo-label confidence threshold t, eq. (6)")
@@ -496,17 +497,16 @@ def labelled_cycle(y: Tensor, suspect: int | None, draws: int) -> Tensor:
 
 def stage2_ssl(net: Branched, x_l: Tensor, y_l: Tensor, x_u: Tensor, cfg: Config, device: torch.device, log: RunLog,
                state: RunState | None = None, teacher: Tensor | None = None, suspect: int | None = None,
-               avoid: Tensor | None = None, stamp: Tensor | None = None) -> nn.Module:
-    """Trains net on the labelled x_l, y_l and the unlabelled x_u (uint8 (N, C, H, W)) with eq. (7) whole;
-    teacher, avoid: --teacher's targets, --unlearn's classes, one per image of x_u; suspect: labelled_cycle's; stamp:
-    --stamp's patch (rgba). -> the model to keep: with cfg.ema > 0 an EMA of the weights, else the backbone."""
+               avoid: Tensor | None = None, stamp: Tensor | None = None, epoch_images: int | None = None) -> nn.Module:
+    """Trains net on the labelled x_l, y_l and the unlabelled x_u (uint8 (N, C, H, W)) with eq. (7) whole; teacher, avoid:
+    --teacher's targets, --unlearn's classes, one per image of x_u; suspect: labelled_cycle's; stamp: --stamp's patch
+    (rgba); epoch_images: --ssl-epoch kept's, drawn anew each epoch. -> the model to keep (EMA with cfg.ema > 0)."""
     weights = ssl_exit_weights(net, cfg)
     b, bu = cfg.batch_size, cfg.mu * cfg.batch_size
-    steps, total_steps = ssl_schedule(len(x_u), cfg)
+    steps, total_steps = ssl_schedule(min(epoch_images or len(x_u), len(x_u)), cfg)
     opt = sgd(net.parameters(), cfg.ssl_lr, cfg, nesterov=True, decay_all=cfg.ssl_decay_all)
     sched = cosine(opt, total_steps)
-    names = ["ce_l", "ap_l", "ce_u", "ap_u", "teacher", "unlearn"] + \
-        [f"mask{i}" for i in range(1, len(weights))] + ["mask"]  # pseudo-labels kept at exit i, at the deepest
+    names = ["ce_l", "ap_l", "ce_u", "ap_u", "teacher", "unlearn", *(f"mask{i}" for i in range(1, len(weights))), "mask"]
     ema = copy.deepcopy(net.backbone).requires_grad_(False) if cfg.ema > 0 else None
     cycle = labelled_cycle(y_l, suspect, cfg.suspect_draws)
     shuffled = lambda: cycle[torch.randperm(len(cycle), device=cycle.device)]
@@ -771,7 +771,7 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
     if cfg.ssl_pool == "drop-suspect" and probs is not None:
         keep, info = drop_suspect(probs.argmax(1), check)
         results.update({"ssl_pool": info} if info else {})
-    soft, x_u, x_dropped = cfg.teacher == "soft", x_u[keep], x_u[~keep]
+    soft, n_kept, x_u, x_dropped = cfg.teacher == "soft", int(keep.sum()), x_u[keep], x_u[~keep]
     teacher = teacher_targets(probs[keep], check, soft) if cfg.teacher != "none" and probs is not None else None
     taught = teacher_targets(probs[~keep], check, soft, everywhere=True) \
         if cfg.readmit in ("taught", "unpatched") and teacher is not None and results.get("ssl_pool") else None
@@ -819,7 +819,7 @@ def purify(model: nn.Module, x_labelled: Tensor, y_labelled: Tensor, x_pool: Ten
         x_u, teacher, avoid = join_pool(x_u, teacher, avoid, x_dropped[i], None if taught is None else taught[i])
     if len(x_u) and cfg.ssl_epochs:
         purified = stage2_ssl(net, x_l, y_l, x_u, cfg, device, log, state, teacher, s, avoid,
-                              rgba if cfg.stamp > 0 or cfg.stamp_pool > 0 else None)  # s: --suspect-draws'
+                              rgba if cfg.stamp or cfg.stamp_pool else None, n_kept if cfg.ssl_epoch == "kept" else None)
         read = (lambda: stamped_to_suspect(purified, check, rgba)) if rgba is not None else lambda: None
         results["ssl"], reading = measured(log.measure("ssl", purified)), read()
         if cfg.prior_shift and (rgba is None or not cfg.stamp):  # a raised bias could hand the class to the trigger

@@ -405,8 +405,8 @@ PY
         model="$dir/$r/attacker/backdoored.pt"
         cell "$dir/$r/attacker" ftt.py "${flags[@]}" "${recipe[@]}" --sad-epochs 0 --ssl-epochs 0 --quiet
       fi
-      for v in $variants; do  # one-teacher or deep, then any of -deep -teacherW -unlearnW -gateP -stamp(pool)R -drawN (deep-
-        if [[ $v == one-teacher-* || $v == deep-* ]]; then  # unlearn3-gate0 = defaults); -prior -readmit-KIND: those added
+      for v in $variants; do  # one-teacher or deep, then any of -deep -teacherW -unlearnW -gateP -stamp(pool)R -drawN
+        if [[ $v == one-teacher-* || $v == deep-* ]]; then  # deep-unlearn3-gate0 = defaults; -prior -epochkept -readmit-KIND
           o=${how[one-teacher]}; [[ $v == deep-* ]] && o=""
           [[ $v =~ -teacher([0-9.]+) ]] && o+=" --teacher-weight ${BASH_REMATCH[1]}"
           [[ $v == *-unlearn* ]] && { w=${v##*-unlearn}; o+=" --unlearn ${w%%-*}"; }  # always, unless -gateP:
@@ -415,11 +415,13 @@ PY
           [[ $v =~ -stamppool([0-9.]+) ]] && o+=" --stamp-pool ${BASH_REMATCH[1]}"  # and on the pool's strong views
           [[ $v == *-draw* ]] && { d=${v##*-draw}; o+=" --suspect-draws ${d%%-*}"; }
           [[ $v == *-prior* ]] && o+=" --prior-shift"
+          [[ $v == *-epochkept* ]] && o+=" --ssl-epoch kept"  # stage 2's steps: the pool's size before the joins
           [[ $v == *-readmit-* ]] && o+=" --readmit ${v##*-readmit-} --readmit-residue 100"; how[$v]=$o  # (no gate)
         fi
         exits="--ssl-exits all"; [[ $v == *deep* ]] && exits="--ssl-exits deep"  # variants before -deep: every exit
         cell "$dir/$r/$v-p$passes$tag" ftt.py "${flags[@]}" --model "$model" "${hold[@]}" --ssl-epochs "$passes" $exits \
-          --unlearn 0 --unlearn-residue -100 --readmit none --stamp 0 --stamp-pool 0 ${how[$v]} --bn-diagnostic --quiet "$@"  # own last
+          --unlearn 0 --unlearn-residue -100 --readmit none --stamp 0 --stamp-pool 0 --ssl-epoch joined ${how[$v]} \
+          --bn-diagnostic --quiet "$@"  # own last
       done
       for b in ${BASELINES:-}; do  # e.g. "ft nad": the paper's claim (a) beside FTT(SAD), at their defaults
         cell "$dir/$r/$b" baselines.py --method "$b" "${flags[@]}" --model "$model" --quiet "$@"

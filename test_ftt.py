@@ -345,15 +345,16 @@ def test_ema_moves_toward_the_model_by_its_warmed_up_decay(decay, step):
     torch.testing.assert_close(ema.weight, d * before + (1 - d) * model.weight.detach())
 
 
-@pytest.mark.parametrize("n_u", [96, 100, 16])
-def test_ssl_schedule_spans_exactly_the_steps_the_loop_runs_and_ends_at_lr_0(n_u, monkeypatch):
+@pytest.mark.parametrize("n_u, epoch_images", [(96, None), (100, None), (16, None), (100, 48), (16, 200)])
+def test_ssl_schedule_spans_exactly_the_steps_the_loop_runs_and_ends_at_lr_0(n_u, epoch_images, monkeypatch):
+    # epoch_images (--ssl-epoch kept): an epoch's pool images, never more than the pool holds
     net, x_l, y_l, x_u, cfg = tiny_ssl_setup(n_u)
     made, steps = [], []
     real_cosine, real_descend = harness.cosine, harness.descend
     monkeypatch.setattr(ftt, "cosine", lambda opt, total: made.append(real_cosine(opt, total)) or made[-1])
     monkeypatch.setattr(ftt, "descend", lambda opt, sched, loss: steps.append(1) or real_descend(opt, sched, loss))
-    ftt.stage2_ssl(net, x_l, y_l, x_u, cfg, torch.device("cpu"), harness.RunLog(quiet=True))
-    assert len(steps) == ftt.ssl_schedule(n_u, cfg)[1] == made[0].last_epoch > 0
+    ftt.stage2_ssl(net, x_l, y_l, x_u, cfg, torch.device("cpu"), harness.RunLog(quiet=True), epoch_images=epoch_images)
+    assert len(steps) == ftt.ssl_schedule(min(epoch_images or n_u, n_u), cfg)[1] == made[0].last_epoch > 0
     assert made[0].get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
 
 
