@@ -64,7 +64,7 @@ class Config(RunConfig):
     # stage 2: SSL (FixMatch: lr 0.03, Nesterov, t 0.95, mu 7, EMA 0.999)
     ssl_epochs: int = flag(5, "stage 2 epochs, each one pass over the unlabelled pool")
     ssl_pool: str = flag("drop-suspect", "stage 2's pool: all (the paper) or all but the suspect class's", choices=SSL_POOLS)
-    ssl_epoch: str = flag("joined", "an SSL epoch: the pool with what joined, or its size before (kept)", choices=SSL_EPOCHS)
+    ssl_epoch: str = flag("kept", "an SSL epoch: the pool with what joined, or its size before (kept)", choices=SSL_EPOCHS)
     ssl_lr: float = flag(0.03, "stage 2 SGD lr (cosine to 0)")
     mu: int = flag(7, "unlabelled batch = mu x batch_size")
     threshold: float = flag(0.95, "pseudo-label confidence threshold t, eq. (6)")

@@ -928,12 +928,13 @@ def test_readmit_unpatched_gives_back_the_left_out_images_that_hold_no_patch_pix
     path = tiny_backdoor(0)[0]
     capsys.readouterr()
     seen, stage2, reader = [], ftt.stage2_ssl, ftt.read_patch
-    monkeypatch.setattr(ftt, "stage2_ssl", lambda *a: (seen.append((a[3], a[8])), stage2(*a))[1])
+    monkeypatch.setattr(ftt, "stage2_ssl", lambda *a: (seen.append((a[3], a[8], a[12])), stage2(*a))[1])
     monkeypatch.setattr(ftt, "read_patch", lambda *a: reader(*a) if read == "patch" else None)
     cfg = ftt.Config(**{**TINY, "sad_lr": 0.1, "sad_lr_max": 0.1, "ssl_epochs": 1, "mu": 2, "readmit": "unpatched",
                         "prior_shift": read == "none"}, model=path, out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
     r = ftt.main(cfg)["results"]
-    back, pool, ((x_u, teacher),) = r["readmit"], r["ssl_pool"], seen
+    back, pool, ((x_u, teacher, epoch_images),) = r["readmit"], r["ssl_pool"], seen
+    assert epoch_images == pool["kept"] <= len(x_u)  # --ssl-epoch kept: an epoch as long as before the joins
     if read == "none":
         assert back["images"] == 0 and len(x_u) == pool["kept"] + r["unlearn"]["images"] and "prior_shift" not in r
         out = capsys.readouterr().out
