@@ -15,6 +15,7 @@ taken over several timed windows and the median reported. Rows:
                  unlabelled images; ratio to plain@b(1+mu)
   plain / ssl, pipeline vs in memory: fed from a uint8 dataset on the device through the augmentations
                  (the real pipeline) or from batches augmented once beforehand (in memory)
+  predict@N      inference in eval mode as every evaluation runs it (harness.predictions), batch N: EVAL_BATCH, 1024
 FLOPs are counted with torch.utils.flop_counter (convolutions and matmuls, forward and backward) on one
 plain step; on CUDA the achieved FLOP/s is given as a share of the device's dense bf16 peak.
 Each row also counts the host synchronisations of one step on CUDA (torch.cuda.set_sync_debug_mode):
@@ -198,6 +199,10 @@ def bench(args: argparse.Namespace) -> dict:
             harness.descend(opt, sched, loss)
         return step
 
+    def predict_step(n: int):  # evaluation and the pool's readings, at harness.EVAL_BATCH and at 1024 beside it
+        m = model(False)[0]
+        return lambda: harness.predictions(m, pool_x[:n], device, args.channels_last, n)
+
     warm = args.warmup + (3 if args.compile else 0)
     timing = lambda step, n: rate(step, n, device, warm, args.windows, args.steps)
     rows = {}
@@ -205,7 +210,9 @@ def bench(args: argparse.Namespace) -> dict:
     specs = [("plain@b", lambda: plain_step(b), b), ("plain@attack", lambda: plain_step(ba, pipeline=True), ba),
              ("plain@b(1+mu)", lambda: plain_step(b + bu), b + bu),
              ("plain@b(1+mu), pipeline", lambda: plain_step(b + bu, pipeline=True), b + bu),
-             ("sad", sad_step, b), ("ssl, pipeline", lambda: ssl_step(True), bu), ("ssl, in memory", lambda: ssl_step(False), bu)]
+             ("sad", sad_step, b), ("ssl, pipeline", lambda: ssl_step(True), bu),
+             ("ssl, in memory", lambda: ssl_step(False), bu),
+             *((f"predict@{n}", lambda n=n: predict_step(n), min(n, args.pool)) for n in (harness.EVAL_BATCH, 1024))]
     wanted = args.row
     unknown = set(wanted) - {name for name, _, _ in specs}
     if unknown:
@@ -239,7 +246,8 @@ def bench(args: argparse.Namespace) -> dict:
              "ssl (unlabelled) / plain@b(1+mu)": ("ssl, pipeline", "plain@b(1+mu)"),
              "ssl (unlabelled) / plain@b": ("ssl, pipeline", "plain@b"),
              "plain: pipeline / in memory": ("plain@b(1+mu), pipeline", "plain@b(1+mu)"),
-             "ssl: pipeline / in memory": ("ssl, pipeline", "ssl, in memory")}
+             "ssl: pipeline / in memory": ("ssl, pipeline", "ssl, in memory"),
+             f"predict@{harness.EVAL_BATCH} / predict@1024": (f"predict@{harness.EVAL_BATCH}", "predict@1024")}
     ratios = {k: ips(a) / ips(d) for k, (a, d) in pairs.items() if ips(a) and ips(d)}
     # the FLOP rate of the largest plain step measured (the 512-image one when it ran)
     plain_row = next((r for r in ("plain@b(1+mu)", "plain@b(1+mu), pipeline", "plain@attack", "plain@b") if r in rows), None)

@@ -62,7 +62,7 @@ class Config(RunConfig):
     detach_deep: bool = flag(True, "treat F_D as a fixed teacher in eq. (5) (else mutual distillation)")
     ap_reduce: str = flag("sum", "eq. (5) over a batch: the distances' mean, sum, or L2 norm", choices=("mean", "sum", "l2"))
     # stage 2: SSL (FixMatch: lr 0.03, Nesterov, t 0.95, mu 7, EMA 0.999)
-    ssl_epochs: int = flag(5, "stage 2 epochs, each one pass over the unlabelled pool")
+    ssl_epochs: int = flag(5, "stage 2 epochs, each as long as one pass over the unlabelled pool (--ssl-epoch)")
     ssl_pool: str = flag("drop-suspect", "stage 2's pool: all (the paper) or all but the suspect class's", choices=SSL_POOLS)
     ssl_epoch: str = flag("kept", "an SSL epoch: the pool with what joined, or its size before (kept)", choices=SSL_EPOCHS)
     ssl_lr: float = flag(0.03, "stage 2 SGD lr (cosine to 0)")
@@ -483,7 +483,7 @@ def stage1_sad(net: Branched, x: Tensor, y: Tensor, cfg: Config, device: torch.d
 # ================================================================================================
 
 def ssl_schedule(n_unlabelled: int, cfg: Config) -> tuple[int, int]:
-    """-> (steps per epoch, total): an epoch is one pass over the pool at mu x batch_size a step (cosine spans all)."""
+    """-> (steps per epoch, total): an epoch is n_unlabelled images at mu x batch_size a step (cosine spans all)."""
     steps = max(n_unlabelled // (cfg.mu * cfg.batch_size), 1)
     return steps, steps * cfg.ssl_epochs
 

@@ -372,7 +372,7 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
 # Evaluation: ACC, ASR and RA
 # ================================================================================================
 
-EVAL_BATCH = 256  # on 2 cores, WRN-16-1 predicts 1.5-2x the images/s at 256 as at 1024 (activations stay in cache)
+EVAL_BATCH = 256  # 2 cores, WRN-16-1: 1.1x the images/s of 1024, 2x without --keep-memory (bench.py's predict rows)
 
 
 @torch.no_grad()

@@ -323,7 +323,7 @@ def test_bench_times_every_step_kind_and_writes_its_table_as_json(tmp_path):
     r = bench.main(["--arch", "wrn10-1", "--shape", "1,8,8", "--batch", "4", "--mu", "2", "--windows", "2",
                     "--steps", "1", "--warmup", "1", "--pool", "32", "--json", str(tmp_path / "b.json")])
     assert set(r["rows"]) == {"plain@b", "plain@attack", "plain@b(1+mu)", "plain@b(1+mu), pipeline", "sad",
-                              "ssl, pipeline", "ssl, in memory"}
+                              "ssl, pipeline", "ssl, in memory", f"predict@{harness.EVAL_BATCH}", "predict@1024"}
     assert all(row["images_per_s"] > 0 and len(row["windows"]) == 2 for row in r["rows"].values())
     assert r["ratios"]["sad / plain@b"] == r["rows"]["sad"]["images_per_s"] / r["rows"]["plain@b"]["images_per_s"]
     assert r["flops_per_image_train_step"] > 0 and json.loads((tmp_path / "b.json").read_text())["arch"] == "wrn10-1"
