@@ -811,7 +811,8 @@ def test_the_default_stage2_gives_back_what_sad_cost_with_the_backdoor_still_gon
     # the deepest exit alone (the default since): 74.2 -> 75.7 (default), 72.7 -> 74.7 (avx2); ASR 1.5 and 0.9. With
     # the teacher at weight 2 (2026-12-05; --unlearn's gate shut here, SAD's excess -1.5 to -2.5): 74.2 -> 76.2, 72.7
     # -> 74.7, 73.6 -> 75.3 (AVX-512); ASR 1.5, 1.3, 2.0. With --stamp-pool 0.2 --readmit unpatched (2026-12-05
-    # evening): 74.2 -> 77.0, 72.7 -> 76.5, 73.6 -> 75.8; ASR 2.7, 2.5, 3.4.
+    # evening): 74.2 -> 77.0, 72.7 -> 76.5, 73.6 -> 75.8; ASR 2.7, 2.5, 3.4. With --ssl-epoch kept (2026-12-05, late):
+    # 74.2 -> 76.6, 72.7 -> 76.0, 73.6 -> 75.7; ASR 2.7, 2.1, 3.2.
     path, before = tiny_backdoor(0)
     cfg = ftt.Config(**{**TINY, "sad_lr": 0.1, "sad_lr_max": 0.1, "ssl_epochs": 2, "mu": 2}, model=path,
                      out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
